@@ -1,0 +1,294 @@
+"""The history of a run: every operation the harness attempted and what came of it.
+
+As in Jepsen, each operation ends ``ok`` (the platform acknowledged it), ``fail`` (definitely
+rejected: nothing was stored) or ``unknown`` (it may or may not have been stored). Checkers are
+pure functions of a History; load workers write their own history files and the harness merges
+them. The Timeline next to it records faults and container events for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Event",
+    "History",
+    "Mark",
+    "Operation",
+    "Outcome",
+    "Timeline",
+]
+
+
+class Outcome(StrEnum):
+    """How an operation ended, from the client's point of view."""
+
+    OK = "ok"  # 202: every event of the batch is stored (or was already)
+    FAIL = "fail"  # definite rejection: nothing of the batch was stored
+    UNKNOWN = "unknown"  # timeout, reset after sending, 503, other 5xx: maybe stored
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One QoE measurement, as sent on the wire (see stack/CONTRACT.md)."""
+
+    event_id: str
+    probe_id: str
+    target: str
+    ts: datetime
+    rtt_ms: float
+    jitter_ms: float
+    loss_pct: float
+    throughput_kbps: float
+
+    def __post_init__(self) -> None:
+        if self.ts.tzinfo is None or self.ts.utcoffset() is None:
+            raise ValueError(
+                f"Event {self.event_id!r}: ts must be timezone-aware, got naive {self.ts!r}; "
+                "build it with tzinfo=datetime.UTC"
+            )
+        # Normalise to UTC so equal instants compare (and hash) equal whatever the offset.
+        object.__setattr__(self, "ts", self.ts.astimezone(UTC))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object the ingest API expects (ts in RFC 3339 with microseconds)."""
+        return {
+            "event_id": self.event_id,
+            "probe_id": self.probe_id,
+            "target": self.target,
+            "ts": self.ts.isoformat(timespec="microseconds"),
+            "rtt_ms": self.rtt_ms,
+            "jitter_ms": self.jitter_ms,
+            "loss_pct": self.loss_pct,
+            "throughput_kbps": self.throughput_kbps,
+        }
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Event:
+        """Parse the wire form back (accepts a trailing ``Z`` as well as an offset)."""
+        ts = datetime.fromisoformat(str(d["ts"]).replace("Z", "+00:00"))
+        return cls(
+            event_id=str(d["event_id"]),
+            probe_id=str(d["probe_id"]),
+            target=str(d["target"]),
+            ts=ts,
+            rtt_ms=float(d["rtt_ms"]),
+            jitter_ms=float(d["jitter_ms"]),
+            loss_pct=float(d["loss_pct"]),
+            throughput_kbps=float(d["throughput_kbps"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One attempt to send a batch: who sent it where, when, and how it ended."""
+
+    process: str
+    endpoint: str
+    invoked_at: float  # time.time()
+    completed_at: float  # time.time()
+    outcome: Outcome
+    events: tuple[Event, ...]
+    status: int | None = None  # HTTP status, None when no answer arrived
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "process": self.process,
+            "endpoint": self.endpoint,
+            "invoked_at": self.invoked_at,
+            "completed_at": self.completed_at,
+            "outcome": self.outcome.value,
+            "status": self.status,
+            "error": self.error,
+            "events": [e.to_wire() for e in self.events],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Operation:
+        return cls(
+            process=str(d["process"]),
+            endpoint=str(d["endpoint"]),
+            invoked_at=float(d["invoked_at"]),
+            completed_at=float(d["completed_at"]),
+            outcome=Outcome(d["outcome"]),
+            events=tuple(Event.from_wire(e) for e in d["events"]),
+            status=None if d.get("status") is None else int(d["status"]),
+            error=str(d.get("error", "")),
+        )
+
+
+def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    # Write to a temporary file and rename, so a reader never sees half a history.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, allow_nan=False, ensure_ascii=False))
+            f.write("\n")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{lineno}: expected one JSON object per line, got {line[:80]!r} "
+                    f"({exc.msg}); was the file truncated by a crashed worker?"
+                ) from exc
+
+
+class History:
+    """A thread-safe, append-only list of operations."""
+
+    def __init__(self, operations: Iterable[Operation] = ()) -> None:
+        self._lock = threading.Lock()
+        self._ops: list[Operation] = list(operations)
+
+    def append(self, op: Operation) -> None:
+        with self._lock:
+            self._ops.append(op)
+
+    def extend(self, ops: Iterable[Operation]) -> None:
+        ops = list(ops)
+        with self._lock:
+            self._ops.extend(ops)
+
+    def operations(self) -> tuple[Operation, ...]:
+        """A snapshot of the operations so far, in the order they were appended."""
+        with self._lock:
+            return tuple(self._ops)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ops)
+
+    def __iter__(self) -> Iterator[Operation]:
+        return iter(self.operations())
+
+    def last_ok_at(self) -> float | None:
+        """When the last acknowledgement arrived (the start of the convergence clock)."""
+        times = [op.completed_at for op in self.operations() if op.outcome is Outcome.OK]
+        return max(times, default=None)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the history as JSON lines, one operation per line."""
+        _write_jsonl(Path(path), (op.to_dict() for op in self.operations()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> History:
+        return cls(Operation.from_dict(row) for row in _read_jsonl(Path(path)))
+
+    @classmethod
+    def merge(cls, *histories: History) -> History:
+        """One history of all operations, ordered by invocation time (stable for ties)."""
+        ops = [op for h in histories for op in h.operations()]
+        ops.sort(key=lambda op: op.invoked_at)
+        return cls(ops)
+
+    @classmethod
+    def load_merged(cls, paths: Iterable[str | os.PathLike[str]]) -> History:
+        """Load several workers' history files and merge them."""
+        return cls.merge(*(cls.load(p) for p in paths))
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Something that happened during a run: a fault, a container event, a phase."""
+
+    at: float  # time.time()
+    source: str  # "nemesis", "docker", "workload", "checker", ...
+    name: str
+    detail: str = ""
+    duration_s: float | None = None  # None for an instant; bands in the report otherwise
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "source": self.source,
+            "name": self.name,
+            "detail": self.detail,
+            "duration_s": self.duration_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Mark:
+        duration = d.get("duration_s")
+        return cls(
+            at=float(d["at"]),
+            source=str(d["source"]),
+            name=str(d["name"]),
+            detail=str(d.get("detail", "")),
+            duration_s=None if duration is None else float(duration),
+        )
+
+
+class Timeline:
+    """A thread-safe, append-only list of marks: the run timeline the report draws."""
+
+    def __init__(self, marks: Iterable[Mark] = ()) -> None:
+        self._lock = threading.Lock()
+        self._marks: list[Mark] = list(marks)
+
+    def append(self, mark: Mark) -> None:
+        with self._lock:
+            self._marks.append(mark)
+
+    def mark(
+        self,
+        source: str,
+        name: str,
+        detail: str = "",
+        duration_s: float | None = None,
+        at: float | None = None,
+    ) -> Mark:
+        """Record a mark now (or at ``at``) and return it."""
+        m = Mark(
+            at=time.time() if at is None else at,
+            source=source,
+            name=name,
+            detail=detail,
+            duration_s=duration_s,
+        )
+        self.append(m)
+        return m
+
+    def marks(self) -> tuple[Mark, ...]:
+        with self._lock:
+            return tuple(self._marks)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._marks)
+
+    def __iter__(self) -> Iterator[Mark]:
+        return iter(self.marks())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        _write_jsonl(Path(path), (m.to_dict() for m in self.marks()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Timeline:
+        return cls(Mark.from_dict(row) for row in _read_jsonl(Path(path)))
+
+    @classmethod
+    def merge(cls, *timelines: Timeline) -> Timeline:
+        marks = [m for t in timelines for m in t.marks()]
+        marks.sort(key=lambda m: m.at)
+        return cls(marks)

@@ -1,0 +1,123 @@
+"""History and timeline: wire form, JSON-lines round trips, merging, thread safety."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from harness.history import Event, History, Mark, Operation, Outcome, Timeline
+
+
+def _event(i: int, ts: datetime | None = None) -> Event:
+    return Event(
+        event_id=f"run-{i}",
+        probe_id="p1",
+        target="t.example",
+        ts=ts or datetime(2024, 5, 1, 12, 0, i % 60, 123456, tzinfo=UTC),
+        rtt_ms=12.5 + i,
+        jitter_ms=1.25,
+        loss_pct=0.0,
+        throughput_kbps=5000.125,
+    )
+
+
+def _op(t: float, outcome: Outcome = Outcome.OK, n: int = 2) -> Operation:
+    return Operation(
+        process="w1",
+        endpoint="http://ingest:8080/v1/events",
+        invoked_at=t,
+        completed_at=t + 0.01,
+        outcome=outcome,
+        events=tuple(_event(i) for i in range(n)),
+        status=202 if outcome is Outcome.OK else None,
+        error="" if outcome is Outcome.OK else "ReadTimeout: timed out",
+    )
+
+
+def test_event_wire_roundtrip_keeps_microseconds_and_offset() -> None:
+    e = _event(7)
+    wire = e.to_wire()
+    assert wire["ts"] == "2024-05-01T12:00:07.123456+00:00"
+    assert Event.from_wire(wire) == e
+
+
+def test_event_from_wire_accepts_z_and_other_offsets() -> None:
+    wire = _event(1).to_wire()
+    wire["ts"] = "2024-05-01T14:00:01.123456+02:00"
+    assert Event.from_wire(wire).ts == datetime(2024, 5, 1, 12, 0, 1, 123456, tzinfo=UTC)
+    wire["ts"] = "2024-05-01T12:00:01.123456Z"
+    assert Event.from_wire(wire) == _event(1)
+
+
+def test_event_normalises_to_utc_so_equal_instants_are_equal() -> None:
+    cest = timezone(timedelta(hours=2))
+    a = _event(3, ts=datetime(2024, 5, 1, 14, 0, 0, tzinfo=cest))
+    b = _event(3, ts=datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC))
+    assert a == b and hash(a) == hash(b)
+    assert a.ts.tzinfo is UTC
+
+
+def test_event_rejects_naive_timestamps_with_a_hint() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        _event(1, ts=datetime(2024, 5, 1, 12, 0, 0))
+
+
+def test_history_save_load_roundtrip(tmp_path: Path) -> None:
+    h = History([_op(1.0), _op(2.0, Outcome.UNKNOWN), _op(3.0, Outcome.FAIL, n=1)])
+    h.save(tmp_path / "h.jsonl")
+    assert History.load(tmp_path / "h.jsonl").operations() == h.operations()
+
+
+def test_history_merge_orders_by_invocation(tmp_path: Path) -> None:
+    a = History([_op(1.0), _op(5.0)])
+    b = History([_op(3.0, Outcome.UNKNOWN)])
+    a.save(tmp_path / "a.jsonl")
+    b.save(tmp_path / "b.jsonl")
+    merged = History.load_merged([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    assert [op.invoked_at for op in merged] == [1.0, 3.0, 5.0]
+    assert History.merge(a, b).operations() == merged.operations()
+
+
+def test_history_last_ok_at() -> None:
+    assert History().last_ok_at() is None
+    h = History([_op(1.0), _op(9.0, Outcome.UNKNOWN), _op(4.0)])
+    assert h.last_ok_at() == pytest.approx(4.01)
+
+
+def test_history_append_is_thread_safe() -> None:
+    h = History()
+
+    def work() -> None:
+        for i in range(200):
+            h.append(_op(float(i), n=0))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(h) == 1600
+
+
+def test_load_names_the_broken_line(tmp_path: Path) -> None:
+    p = tmp_path / "h.jsonl"
+    p.write_text('{"process": "w1"\n')
+    with pytest.raises(ValueError, match=r"h.jsonl:1"):
+        History.load(p)
+
+
+def test_timeline_save_load_roundtrip(tmp_path: Path) -> None:
+    t = Timeline()
+    t.mark("nemesis", "partition", "ingest-1 | nats", duration_s=12.5, at=100.0)
+    t.append(Mark(at=101.0, source="docker", name="die", detail="aggregator-1"))
+    t.save(tmp_path / "t.jsonl")
+    assert Timeline.load(tmp_path / "t.jsonl").marks() == t.marks()
+
+
+def test_timeline_merge_orders_by_time() -> None:
+    a = Timeline([Mark(at=3.0, source="docker", name="start")])
+    b = Timeline([Mark(at=1.0, source="nemesis", name="kill")])
+    assert [m.at for m in Timeline.merge(a, b)] == [1.0, 3.0]
