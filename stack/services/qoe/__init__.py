@@ -1,0 +1,1 @@
+"""The reference QoE telemetry platform: ingest, aggregator, diagnoser and probe services."""

@@ -1,0 +1,1 @@
+"""Unit tests of the reference services (stack/services/qoe)."""
