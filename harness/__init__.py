@@ -1,0 +1,1 @@
+"""QoE Harness: validation harness for the QoE telemetry pipeline."""
