@@ -83,7 +83,17 @@ def build_wheelhouse() -> None:
     for old in WHEELHOUSE.glob("*.whl"):
         old.unlink()
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "-r", str(REQUIREMENTS), "-w", str(WHEELHOUSE)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "-r",
+            str(REQUIREMENTS),
+            "-w",
+            str(WHEELHOUSE),
+        ],
         check=True,
     )
     stamp.write_bytes(REQUIREMENTS.read_bytes())
@@ -126,7 +136,7 @@ def build(client: docker.DockerClient, image: Image) -> None:
     except docker.errors.ImageNotFound:
         started = time.monotonic()
         log(f"building {hashed}")
-        built, _ = client.images.build(
+        client.images.build(
             fileobj=_context_tar(image),
             custom_context=True,
             tag=hashed,

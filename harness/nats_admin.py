@@ -1,0 +1,67 @@
+"""Synchronous access to the stack's JetStream for scenarios: stream and consumer state, stream config."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import nats
+from nats.js.api import StreamConfig
+
+T = TypeVar("T")
+STREAM = "QOE_EVENTS"
+CONSUMER = "aggregator"
+
+
+class JetStreamAdmin:
+    """Each call opens a short connection: scenarios call it rarely and the cluster may be faulted."""
+
+    def __init__(self, urls: Sequence[str], stream: str = STREAM) -> None:
+        if not urls:
+            raise ValueError("no NATS URLs for this stack; add nats_urls to the endpoints file")
+        self.urls = list(urls)
+        self.stream = stream
+
+    def _call(self, action: Callable[[Any], Awaitable[T]]) -> T:
+        async def run() -> T:
+            nc = await nats.connect(self.urls, connect_timeout=3, max_reconnect_attempts=2)
+            try:
+                return await action(nc.jetstream(timeout=5))
+            finally:
+                await nc.close()
+
+        return asyncio.run(run())
+
+    def stream_config(self) -> StreamConfig:
+        return self._call(lambda js: _config(js, self.stream))
+
+    def set_duplicate_window(self, seconds: float) -> None:
+        async def update(js: Any) -> None:
+            config = await _config(js, self.stream)
+            config.duplicate_window = seconds
+            await js.update_stream(config)
+
+        self._call(update)
+
+    def publish(self, subject: str, payload: bytes, msg_id: str) -> bool:
+        """Publish straight to the stream; True when JetStream reported a duplicate."""
+
+        async def publish(js: Any) -> bool:
+            ack = await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+            return bool(ack.duplicate)
+
+        return self._call(publish)
+
+    def consumer_pending(self, consumer: str = CONSUMER) -> tuple[int, int]:
+        """(messages not yet delivered, delivered but not yet acknowledged)."""
+
+        async def info(js: Any) -> tuple[int, int]:
+            state = await js.consumer_info(self.stream, consumer)
+            return state.num_pending, state.num_ack_pending
+
+        return self._call(info)
+
+
+async def _config(js: Any, stream: str) -> StreamConfig:
+    return (await js.stream_info(stream)).config

@@ -1,0 +1,369 @@
+"""The pytest face of the harness: options, markers, fixtures and hooks over the harness API.
+
+Registered from the root conftest.py and as the `qoe_harness` pytest11 entry point. One
+session-scoped fixture owns the stack's lifetime; everything a run produces lands in
+reports/out/<run-id>/.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, settings
+
+from harness import checker
+from harness.history import History, Mark, Timeline
+from harness.nemesis import Nemesis
+from harness.report import RunReport
+from harness.stack import ROOT, ComposeStack, Endpoints, ExternalStack, StackSettings, new_run_id
+from harness.workload import EventGenerator, IngestClient
+
+MARKERS = {
+    "smoke": "fast end-to-end checks that gate every change",
+    "e2e": "end-to-end aggregates and diagnoses against the oracle",
+    "dedup": "deduplication: every event counted once",
+    "partition": "network partitions through toxiproxy or docker networks",
+    "restart": "process kills, restarts and pauses",
+    "failover": "database failover",
+    "load": "locust-driven load with SLO gates",
+    "chaos": "faults, generated schedules, chaos under load",
+    "slow": "long runs left out of the default CI selection",
+    "meta": "seeded-bug meta-tests: the harness must fail a broken stack",
+    "component": "one real service in a throwaway container (testcontainers)",
+}
+REUSE_PROJECT = "qoe-dev"
+
+settings.register_profile(
+    "ci", max_examples=8, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.register_profile(
+    "thorough", max_examples=100, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qoe-harness")
+    group.addoption(
+        "--stack",
+        choices=("compose", "external"),
+        default="compose",
+        help="compose: build and run the reference stack; external: use --stack-endpoints",
+    )
+    group.addoption(
+        "--stack-endpoints",
+        type=Path,
+        help="JSON file of an already-deployed stack's endpoints (with --stack external)",
+    )
+    group.addoption(
+        "--reuse-stack",
+        action="store_true",
+        help=f"keep the compose stack ({REUSE_PROJECT}) up after the run and reuse it next time",
+    )
+    group.addoption("--run-seed", type=int, help="seed of every generator (default: random)")
+    group.addoption(
+        "--report-dir",
+        type=Path,
+        default=ROOT / "reports" / "out",
+        help="where each run's folder goes (default reports/out)",
+    )
+    group.addoption(
+        "--stack-timeout", type=int, default=180, help="seconds for the stack to become healthy"
+    )
+
+
+@dataclass
+class Run:
+    """One harness run: its identity, seed, folder, timeline and report."""
+
+    run_id: str
+    seed: int
+    run_dir: Path
+    timeline: Timeline = field(default_factory=Timeline)
+    report: RunReport | None = None
+    stack: Any = None
+
+    def scenario_dir(self, nodeid: str) -> Path:
+        path = self.run_dir / "scenarios" / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+RUN_KEY = pytest.StashKey[Run]()
+
+
+def _run(config: pytest.Config) -> Run:
+    return config.stash[RUN_KEY]
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (CI cancelling a job) takes the same path as Ctrl-C, so teardown runs.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+    if not hasattr(config, "workerinput"):
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    seed = config.getoption("--run-seed")
+    seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+    run_id = new_run_id()
+    run_dir = Path(config.getoption("--report-dir")) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(run_id=run_id, seed=seed, run_dir=run_dir)
+    run.report = RunReport(run_dir=run_dir, run_id=run_id, seed=seed, stack_info={})
+    config.stash[RUN_KEY] = run
+    # Reports beside the summary unless the user asked for them elsewhere.
+    if getattr(config.option, "htmlpath", None) is None and config.pluginmanager.hasplugin("html"):
+        config.option.htmlpath = str(run_dir / "pytest.html")
+        config.option.self_contained_html = True
+    if getattr(config.option, "xmlpath", None) is None:
+        config.option.xmlpath = str(run_dir / "junit.xml")
+    if os.environ.get("CI") and config.getoption("hypothesis_profile", None) is None:
+        settings.load_profile("ci")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    run = _run(config)
+    return [f"qoe-harness run {run.run_id}, seed {run.seed} (reproduce: --run-seed {run.seed})"]
+
+
+# -- the stack ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def run(request: pytest.FixtureRequest) -> Run:
+    return _run(request.config)
+
+
+@pytest.fixture(scope="session")
+def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[ComposeStack | ExternalStack]:
+    """The stack under test for the whole session; always torn down (unless --reuse-stack)."""
+    config = request.config
+    if config.getoption("--stack") == "external":
+        path = config.getoption("--stack-endpoints")
+        if path is None:
+            raise pytest.UsageError("--stack external needs --stack-endpoints FILE")
+        the_stack: ComposeStack | ExternalStack = ExternalStack(path)
+    else:
+        reuse = config.getoption("--reuse-stack")
+        the_stack = ComposeStack(
+            run_id=REUSE_PROJECT if reuse else run.run_id,
+            project=REUSE_PROJECT if reuse else None,
+            state_dir=ROOT / ".run",
+            keep=reuse,
+            timeout_s=config.getoption("--stack-timeout"),
+        )
+    run.stack = the_stack
+    recorder = None
+    try:
+        endpoints = the_stack.up()
+        run.timeline.append(
+            Mark(time.time(), "stack", "up", the_stack.name, duration_s=the_stack.bring_up_s)
+        )
+        if isinstance(the_stack, ComposeStack):
+            from harness.docker_events import ContainerEventRecorder
+
+            recorder = ContainerEventRecorder(the_stack.run_id, run.timeline).__enter__()
+        the_stack.current_endpoints = endpoints  # type: ignore[union-attr]
+        yield the_stack
+    finally:
+        if recorder is not None:
+            recorder.__exit__(None, None, None)
+        the_stack.down()
+
+
+@pytest.fixture(scope="session")
+def endpoints(stack: ComposeStack | ExternalStack) -> Endpoints:
+    return stack.current_endpoints  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def reconfigured_stack(
+    stack: ComposeStack | ExternalStack, request: pytest.FixtureRequest
+) -> Iterator[Endpoints]:
+    """The stack with the settings given by `@pytest.mark.parametrize(..., indirect=True)`,
+    restored to the defaults afterwards."""
+    if not isinstance(stack, ComposeStack):
+        pytest.skip(
+            "reconfiguring needs the compose backend (seeded bugs live in the reference stack)"
+        )
+    wanted: StackSettings = request.param
+    endpoints = stack.apply(wanted)
+    stack.current_endpoints = endpoints  # type: ignore[attr-defined]
+    try:
+        yield endpoints
+    finally:
+        stack.current_endpoints = stack.apply(StackSettings())  # type: ignore[attr-defined]
+
+
+# -- per scenario ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scenario_dir(request: pytest.FixtureRequest, run: Run) -> Path:
+    return run.scenario_dir(request.node.nodeid)
+
+
+@pytest.fixture
+def history(request: pytest.FixtureRequest, scenario_dir: Path) -> Iterator[History]:
+    recorded = History()
+    request.node.stash[HISTORY_KEY] = recorded
+    yield recorded
+    recorded.save(scenario_dir / "history.jsonl")
+
+
+HISTORY_KEY = pytest.StashKey[History]()
+VERDICT_KEY = pytest.StashKey[checker.Verdict]()
+
+
+@pytest.fixture
+def scenario_seed(request: pytest.FixtureRequest, run: Run) -> int:
+    return random.Random(f"{run.seed}:{request.node.nodeid}").randrange(2**31)
+
+
+@pytest.fixture
+def probe_prefix(request: pytest.FixtureRequest, run: Run) -> str:
+    """A probe-id prefix unique to this scenario in this run, so scenarios never share windows."""
+    index = (
+        request.session.items.index(request.node) if request.node in request.session.items else 0
+    )
+    return f"h{run.run_id.replace('-', '')[-10:]}t{index}"
+
+
+@pytest.fixture
+def generator(scenario_seed: int, probe_prefix: str, endpoints: Endpoints) -> EventGenerator:
+    return EventGenerator(
+        seed=scenario_seed,
+        run_prefix=probe_prefix,
+        probes=[f"{probe_prefix}-p{i}" for i in range(3)],
+        targets=["cdn.example.net", "api.example.net", "voip.example.net"],
+        window_seconds=endpoints.window_seconds,
+    )
+
+
+@pytest.fixture
+def client(
+    request: pytest.FixtureRequest, endpoints: Endpoints, history: History
+) -> Iterator[IngestClient]:
+    with IngestClient(
+        endpoints.ingest_urls, endpoints.ingest_token, history, process=request.node.name
+    ) as the_client:
+        yield the_client
+
+
+@pytest.fixture
+def db(endpoints: Endpoints) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(endpoints.database_dsn, autocommit=True, connect_timeout=5) as conn:
+        yield conn
+
+
+@dataclass
+class Verifier:
+    """Oracle vs observed for one scenario: waits for convergence and fails with the wrong windows."""
+
+    endpoints: Endpoints
+    run: Run
+    node: pytest.Item
+    rules: checker.Rules = field(default_factory=checker.Rules)
+
+    def verify(
+        self, history: History, probe_ids: list[str], timeout_s: float = 30.0
+    ) -> checker.Verdict:
+        verdict = self.observe(history, probe_ids, timeout_s)
+        assert verdict.valid, verdict.summary()
+        return verdict
+
+    def observe(
+        self, history: History, probe_ids: list[str], timeout_s: float = 30.0
+    ) -> checker.Verdict:
+        """The verdict without asserting (meta-tests assert that it is invalid)."""
+        expected = checker.expectation(history, self.endpoints.window_seconds)
+        since = history.last_ok_at() or time.time()
+        with psycopg.connect(
+            self.endpoints.database_dsn, autocommit=True, connect_timeout=5
+        ) as conn:
+            verdict = checker.await_convergence(
+                expected,
+                lambda: checker.read_observed(conn, probe_ids),
+                self.rules,
+                timeout_s=timeout_s,
+                since=since,
+            )
+        self.node.stash[VERDICT_KEY] = verdict
+        self.run.timeline.append(
+            Mark(
+                time.time(),
+                "checker",
+                f"{self.node.name} {'valid' if verdict.valid else 'INVALID'}",
+                f"convergence {verdict.convergence_s}",
+            )
+        )
+        return verdict
+
+
+@pytest.fixture
+def verifier(request: pytest.FixtureRequest, endpoints: Endpoints, run: Run) -> Verifier:
+    return Verifier(endpoints=endpoints, run=run, node=request.node)
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        run = _run(item.config)
+        verdict = item.stash.get(VERDICT_KEY, None)
+        logs: dict[str, str] = {}
+        if report.failed and run.stack is not None:
+            try:
+                logs = run.stack.logs(tail=150)
+            except Exception as error:  # the stack itself may be what failed
+                logs = {"harness": f"could not collect logs: {error}"}
+        assert run.report is not None
+        run.report.add_scenario(
+            nodeid=item.nodeid,
+            outcome=report.outcome,
+            duration_s=report.duration,
+            verdict=verdict.to_dict() if verdict else None,
+            details={"longrepr": str(report.longrepr)[-4000:]} if report.failed else {},
+            logs=logs,
+        )
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    run = session.config.stash.get(RUN_KEY, None)
+    if run is None or run.report is None:
+        return
+    run.timeline.save(run.run_dir / "timeline.jsonl")
+    run.report.add_timeline(run.timeline)
+    run.report.write()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run = config.stash.get(RUN_KEY, None)
+    if run is not None:
+        terminalreporter.write_line(
+            f"qoe-harness report: {run.run_dir / 'summary.html'} (seed {run.seed})"
+        )
+
+
+@pytest.fixture
+def nemesis(stack: ComposeStack | ExternalStack, endpoints: Endpoints, run: Run) -> Nemesis:
+    if not isinstance(stack, ComposeStack):
+        pytest.skip("process faults need the compose backend")
+    return Nemesis(stack, endpoints, run.timeline)

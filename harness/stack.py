@@ -1,0 +1,413 @@
+"""The stack under test: bring it up, tear it down, and say where its endpoints are.
+
+Two backends share one interface. `ComposeStack` owns a compose project built from the reference
+stack's tier files: a unique project per run, per-run secrets, `up --wait`, teardown of every
+container, network and volume, even after a failure or Ctrl-C; resources left by a killed run
+are reaped by label on the next start. `ExternalStack` points the harness at a deployment that
+is already running, described by an endpoints file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+from python_on_whales import DockerClient
+from python_on_whales.exceptions import DockerException
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_DIR = ROOT / "stack" / "compose"
+TIER_FILES = (
+    "storage.yml",
+    "nats.yml",
+    "toxiproxy.yml",
+    "ingest.yml",
+    "processing.yml",
+    "probe.yml",
+)
+RUN_LABEL = "io.qoe-harness.run"
+PID_LABEL = "io.qoe-harness.pid"
+HTTP_SERVICES = (
+    "ingest-1",
+    "ingest-2",
+    "aggregator-1",
+    "aggregator-2",
+    "diagnoser",
+    "probe-1",
+    "probe-2",
+)
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
+POSTGRES_NODES = ("postgres-primary", "postgres-replica")
+
+
+class StackError(RuntimeError):
+    """The stack could not be brought up or used; the message names the service and what to do."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the harness reaches the stack. Written to and read from an endpoints file (JSON)."""
+
+    ingest_urls: tuple[str, ...]
+    ingest_token: str
+    database_dsn: str
+    nats_urls: tuple[str, ...] = ()
+    toxiproxy_url: str | None = None
+    services: Mapping[str, str] = field(default_factory=dict)  # name -> http base URL
+    nats_monitors: Mapping[str, str] = field(default_factory=dict)  # node -> http monitor URL
+    postgres_nodes: Mapping[str, str] = field(default_factory=dict)  # node -> superuser DSN
+    window_seconds: int = 60
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        path.chmod(0o600)
+
+    @classmethod
+    def load(cls, path: Path) -> Endpoints:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise StackError(
+                f"cannot read the endpoints file {path}: {error}. It is a JSON object with at "
+                "least ingest_urls, ingest_token and database_dsn (see README, 'External deployments')."
+            ) from error
+        missing = {"ingest_urls", "ingest_token", "database_dsn"} - raw.keys()
+        unknown = raw.keys() - cls.__dataclass_fields__.keys()
+        if missing or unknown:
+            raise StackError(
+                f"endpoints file {path}: missing {sorted(missing)} unknown {sorted(unknown)}; "
+                f"allowed keys are {sorted(cls.__dataclass_fields__)}"
+            )
+        for key in ("ingest_urls", "nats_urls"):
+            raw[key] = tuple(raw.get(key, ()))
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """Knobs of the reference stack, passed to compose as environment variables."""
+
+    seeded_bugs: tuple[str, ...] = ()
+    sync_replication: bool = True
+    stream_replicas: int = 3
+    dedup_window_s: int = 120
+    window_s: int = 60
+    ack_wait_s: int = 10
+    probe_rate: int = 20
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "QOE_SEEDED_BUGS": ",".join(self.seeded_bugs),
+            "SYNC_REPLICATION": "on" if self.sync_replication else "off",
+            "STREAM_REPLICAS": str(self.stream_replicas),
+            "DEDUP_WINDOW_SECONDS": str(self.dedup_window_s),
+            "WINDOW_SECONDS": str(self.window_s),
+            "ACK_WAIT_SECONDS": str(self.ack_wait_s),
+            "PROBE_RATE": str(self.probe_rate),
+        }
+
+
+class Stack(Protocol):
+    """What scenarios need from a stack, whichever backend runs it."""
+
+    name: str
+
+    def up(self) -> Endpoints: ...
+    def down(self) -> None: ...
+    def logs(self, services: list[str] | None = None, tail: int = 200) -> dict[str, str]: ...
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def log(message: str) -> None:
+    print(f"[stack {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(client: docker.DockerClient | None = None) -> list[str]:
+    """Remove containers, networks and volumes of harness runs whose owning process is gone.
+
+    Only resources carrying the harness's run label are touched; stacks kept on purpose
+    (`--reuse-stack`, `python -m harness up`) carry pid 0 and are left alone.
+    """
+    client = client or docker.from_env()
+    dead_runs: set[str] = set()
+    for container in client.containers.list(all=True, filters={"label": RUN_LABEL}):
+        pid = int(container.labels.get(PID_LABEL, "0") or 0)
+        if pid and pid != os.getpid() and not _pid_alive(pid):
+            dead_runs.add(container.labels[RUN_LABEL])
+            container.remove(force=True, v=True)
+    for kind in (client.networks, client.volumes):
+        for resource in kind.list(filters={"label": RUN_LABEL}):
+            labels = resource.attrs.get("Labels") or {}
+            pid = int(labels.get(PID_LABEL, "0") or 0)
+            if pid and pid != os.getpid() and not _pid_alive(pid):
+                dead_runs.add(labels[RUN_LABEL])
+                try:
+                    resource.remove()
+                except docker.errors.APIError as error:
+                    log(f"could not remove leftover {resource.name}: {error}")
+    if dead_runs:
+        log(f"removed what killed runs left behind: {', '.join(sorted(dead_runs))}")
+    return sorted(dead_runs)
+
+
+class ComposeStack:
+    """The reference stack as one compose project of the tier files."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        state_dir: Path,
+        settings: StackSettings | None = None,
+        keep: bool = False,
+        timeout_s: int = 180,
+        project: str | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.name = project or f"qoe-{run_id}"
+        self.settings = settings or StackSettings()
+        self.keep = keep
+        self.timeout_s = timeout_s
+        self.state_dir = state_dir / self.name
+        self.env_file = self.state_dir / "stack.env"
+        self.endpoints_file = self.state_dir / "endpoints.json"
+        self.docker = DockerClient(
+            compose_files=[COMPOSE_DIR / f for f in TIER_FILES],
+            compose_project_name=self.name,
+            compose_env_files=[self.env_file],
+        )
+        self.bring_up_s: float | None = None
+
+    # -- secrets and settings -------------------------------------------------------------
+
+    def _secrets(self) -> dict[str, str]:
+        """Per-run secrets; a kept stack reuses the ones it was created with."""
+        if self.env_file.exists():
+            existing = dict(
+                line.split("=", 1) for line in self.env_file.read_text().splitlines() if "=" in line
+            )
+            if "POSTGRES_PASSWORD" in existing:
+                return {
+                    k: existing[k] for k in existing if k.endswith(("PASSWORD", "TOKEN", "TOKENS"))
+                }
+        tokens = {
+            name: secrets.token_urlsafe(24) for name in ("probe-1", "probe-2", "harness", "load")
+        }
+        return {
+            "POSTGRES_PASSWORD": secrets.token_urlsafe(24),
+            "REPLICATION_PASSWORD": secrets.token_urlsafe(24),
+            "PROBE_TOKENS": ",".join(f"{name}:{token}" for name, token in tokens.items()),
+            "PROBE_1_TOKEN": tokens["probe-1"],
+            "PROBE_2_TOKEN": tokens["probe-2"],
+            "HARNESS_TOKEN": tokens["harness"],
+            "LOAD_TOKEN": tokens["load"],
+        }
+
+    def _write_env(self) -> dict[str, str]:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **self._secrets(),
+            **self.settings.environment(),
+            "QOE_HARNESS_RUN": self.run_id,
+            "QOE_HARNESS_PID": "0" if self.keep else str(os.getpid()),
+        }
+        self.env_file.touch(mode=0o600)
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        return env
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def build_images(self) -> None:
+        """Build (or find, by content hash) the stack's images; seconds when nothing changed."""
+        subprocess.run([sys.executable, str(ROOT / "stack" / "build.py")], check=True)
+
+    def up(self) -> Endpoints:
+        reap_orphans()
+        self.build_images()
+        env = self._write_env()
+        started = time.monotonic()
+        log(f"bringing up compose project {self.name} (timeout {self.timeout_s} s)")
+        try:
+            self.docker.compose.up(detach=True, wait=True, wait_timeout=self.timeout_s, quiet=True)
+        except DockerException as error:
+            raise StackError(self._failure_report(error)) from error
+        self.bring_up_s = time.monotonic() - started
+        log(f"{self.name} healthy after {self.bring_up_s:.1f} s")
+        endpoints = self._discover(env)
+        endpoints.save(self.endpoints_file)
+        return endpoints
+
+    def apply(self, settings: StackSettings) -> Endpoints:
+        """Reconfigure a running stack: compose recreates only the services whose config changed."""
+        self.settings = settings
+        env = self._write_env()
+        started = time.monotonic()
+        try:
+            self.docker.compose.up(detach=True, wait=True, wait_timeout=self.timeout_s, quiet=True)
+        except DockerException as error:
+            raise StackError(self._failure_report(error)) from error
+        log(f"{self.name} reconfigured ({settings}) in {time.monotonic() - started:.1f} s")
+        return self._discover(env)
+
+    def down(self) -> None:
+        if self.keep:
+            log(f"keeping {self.name} up (--reuse-stack); `python -m harness down` removes it")
+            return
+        started = time.monotonic()
+        try:
+            self.docker.compose.down(volumes=True, remove_orphans=True, timeout=5, quiet=True)
+        finally:
+            self._remove_labelled()
+            self.env_file.unlink(missing_ok=True)
+            self.endpoints_file.unlink(missing_ok=True)
+        log(f"{self.name} removed in {time.monotonic() - started:.1f} s")
+
+    def _remove_labelled(self) -> None:
+        """Belt and braces: anything of this run that compose did not remove (e.g. hand-made)."""
+        client = docker.from_env()
+        label = f"{RUN_LABEL}={self.run_id}"
+        for container in client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True, v=True)
+        for kind in (client.networks, client.volumes):
+            for resource in kind.list(filters={"label": label}):
+                try:
+                    resource.remove()
+                except docker.errors.APIError as error:
+                    log(f"could not remove {resource.name}: {error}")
+
+    def is_running(self) -> bool:
+        try:
+            return bool(self.docker.compose.ps())
+        except DockerException:
+            return False
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def host_port(self, service: str, private_port: int) -> int:
+        _, port = self.docker.compose.port(service, private_port)
+        if port is None:
+            raise StackError(f"{service} publishes no port for {private_port}; is it running?")
+        return int(port)
+
+    def _discover(self, env: Mapping[str, str]) -> Endpoints:
+        def url(scheme: str, service: str, port: int) -> str:
+            return f"{scheme}://127.0.0.1:{self.host_port(service, port)}"
+
+        password = env["POSTGRES_PASSWORD"]
+        db_port = self.host_port("toxiproxy", 15439)
+        return Endpoints(
+            ingest_urls=(url("http", "toxiproxy", 18011), url("http", "toxiproxy", 18012)),
+            ingest_token=env["HARNESS_TOKEN"],
+            database_dsn=f"postgresql://qoe:{password}@127.0.0.1:{db_port}/qoe",
+            nats_urls=tuple(url("nats", node, 4222) for node in NATS_NODES),
+            toxiproxy_url=url("http", "toxiproxy", 8474),
+            services={name: url("http", name, 8080) for name in HTTP_SERVICES},
+            nats_monitors={node: url("http", node, 8222) for node in NATS_NODES},
+            postgres_nodes={
+                node: f"postgresql://qoe:{password}@127.0.0.1:{self.host_port(node, 5432)}/qoe"
+                for node in POSTGRES_NODES
+            },
+            window_seconds=self.settings.window_s,
+        )
+
+    def endpoints(self) -> Endpoints:
+        return self._discover(self._write_env() if not self.env_file.exists() else self._env())
+
+    def _env(self) -> dict[str, str]:
+        return dict(
+            line.split("=", 1) for line in self.env_file.read_text().splitlines() if "=" in line
+        )
+
+    # -- diagnostics ----------------------------------------------------------------------
+
+    def logs(self, services: list[str] | None = None, tail: int = 200) -> dict[str, str]:
+        result: dict[str, str] = {}
+        for container in self.docker.compose.ps(all=True):
+            service = container.config.labels.get("com.docker.compose.service", container.name)
+            if services and service not in services:
+                continue
+            try:
+                result[service] = self.docker.container.logs(container, tail=tail)
+            except DockerException as error:
+                result[service] = f"(logs unavailable: {error})"
+        return result
+
+    def container(self, service: str) -> Any:
+        found = self.docker.compose.ps(services=[service], all=True)
+        if not found:
+            raise StackError(f"no container for service {service!r} in project {self.name}")
+        return found[0]
+
+    def _failure_report(self, error: DockerException) -> str:
+        """Name the services that are not healthy, with their last health output and logs."""
+        problems: list[str] = []
+        failure_dir = self.state_dir / "bring-up-failure"
+        failure_dir.mkdir(parents=True, exist_ok=True)
+        for container in self.docker.compose.ps(all=True):
+            state = container.state
+            health = state.health.status if state.health else None
+            service = container.config.labels.get("com.docker.compose.service", container.name)
+            if state.running and health in (None, "healthy"):
+                continue
+            last = ""
+            if state.health and state.health.log:
+                last = (state.health.log[-1].output or "").strip()[-300:]
+            status = f"{state.status}, health={health}, exit={state.exit_code}"
+            problems.append(f"{service} ({status}) {last}".strip())
+            (failure_dir / f"{service}.log").write_text(
+                self.docker.container.logs(container, tail=300)
+            )
+        listing = "; ".join(problems) or "no container reported unhealthy"
+        return (
+            f"stack {self.name} did not become healthy within {self.timeout_s} s: {listing}. "
+            f"Service logs are in {failure_dir}. compose said: {str(error)[-500:]}"
+        )
+
+    def __enter__(self) -> ComposeStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+class ExternalStack:
+    """An already-deployed stack: nothing to bring up or tear down, endpoints from a file."""
+
+    def __init__(self, endpoints_file: Path) -> None:
+        self.endpoints_file = endpoints_file
+        self.name = f"external:{endpoints_file}"
+        self.settings = StackSettings()
+        self.bring_up_s: float | None = 0.0
+
+    def up(self) -> Endpoints:
+        endpoints = Endpoints.load(self.endpoints_file)
+        self.settings = replace(self.settings, window_s=endpoints.window_seconds)
+        return endpoints
+
+    def down(self) -> None:
+        return None
+
+    def logs(self, services: list[str] | None = None, tail: int = 200) -> dict[str, str]:
+        return {}

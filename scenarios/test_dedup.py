@@ -1,0 +1,96 @@
+"""Deduplication: whatever path a duplicate takes, every event is counted once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+
+from harness.history import Outcome
+from harness.nats_admin import JetStreamAdmin
+from harness.polling import wait_until
+from harness.workload import EventGenerator, IngestClient
+from scenarios.common import background_sender, wait_for_progress
+
+pytestmark = pytest.mark.dedup
+
+
+def ok(op) -> None:
+    assert op.outcome is Outcome.OK, f"batch not acknowledged: status {op.status} {op.error}"
+
+
+@pytest.mark.smoke
+def test_same_batch_resent(client: IngestClient, generator: EventGenerator, verifier, history):
+    batch = generator.batch(300)
+    for _ in range(3):
+        ok(client.send(batch))
+    verifier.verify(history, list(generator.probes))
+
+
+def test_ids_repeated_inside_a_batch(client: IngestClient, generator, verifier, history):
+    batch = generator.batch(100)
+    op = client.send(batch + batch[:40] + batch[10:20])
+    ok(op)
+    verifier.verify(history, list(generator.probes))
+
+
+def test_same_ids_concurrently_to_both_ingest_replicas(
+    client, endpoints, generator, verifier, history
+):
+    batches = [generator.batch(200) for _ in range(5)]
+    sends = [(batch, url) for batch in batches for url in endpoints.ingest_urls for _ in range(2)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for op in pool.map(lambda pair: client.send(pair[0], url=pair[1]), sends):
+            ok(op)
+    verifier.verify(history, list(generator.probes))
+
+
+def test_same_id_with_a_different_payload(client, generator, verifier, history):
+    batch = generator.batch(100)
+    ok(client.send(batch))
+    variants = [
+        replace(e, rtt_ms=e.rtt_ms + 500, loss_pct=min(100.0, e.loss_pct + 7)) for e in batch
+    ]
+    ok(client.send(variants))
+    verdict = verifier.verify(history, list(generator.probes))
+    assert verdict.counts["acked_events"] == 100
+
+
+def test_duplicates_after_the_jetstream_dedup_window(
+    client, endpoints, generator, verifier, history
+):
+    """With a 1 s JetStream window, a resend is new to JetStream; the aggregator must still drop it."""
+    admin = JetStreamAdmin(endpoints.nats_urls)
+    original = admin.stream_config().duplicate_window
+    admin.set_duplicate_window(1.0)
+    try:
+        batch = generator.batch(200)
+        ok(client.send(batch))
+        wait_until(
+            lambda: _new_to_jetstream(client.send(batch)),
+            timeout_s=30,
+            interval_s=0.25,
+            what="a resend that JetStream no longer calls a duplicate (1 s dedup window)",
+        )
+    finally:
+        admin.set_duplicate_window(original)
+    verifier.verify(history, list(generator.probes))
+
+
+def _new_to_jetstream(op) -> bool:
+    ok(op)
+    return op.response["duplicates"] == 0
+
+
+@pytest.mark.restart
+def test_redelivery_after_aggregators_are_killed_mid_batch(
+    client, generator, nemesis, verifier, history
+):
+    """SIGKILL each aggregator while batches flow: whatever it had fetched is redelivered, counted once."""
+    with background_sender(client, generator, batch_size=250) as sent:
+        for service in ("aggregator-1", "aggregator-2", "aggregator-1"):
+            wait_for_progress(sent)
+            nemesis.kill(service)
+    assert all(op.outcome is Outcome.OK for op in sent), "ingest should not notice aggregator kills"
+    verifier.verify(history, list(generator.probes), timeout_s=60)
