@@ -56,10 +56,16 @@ def list_migrations(folder: Path) -> list[Migration]:
 
 
 async def connect(url: str) -> psycopg.AsyncConnection:
-    """A new connection with short timeouts and TCP keepalives, so a server that vanished
-    (failover, partition) is noticed in seconds rather than minutes."""
+    """A new autocommit connection with short timeouts and TCP keepalives.
+
+    Autocommit, so every `async with conn.transaction()` is a real BEGIN/COMMIT (on a
+    non-autocommit connection an earlier query would have opened an implicit transaction and
+    turned it into a mere savepoint). Keepalives notice a vanished server (failover,
+    partition) in seconds rather than minutes.
+    """
     return await psycopg.AsyncConnection.connect(
         url,
+        autocommit=True,
         connect_timeout=3,
         keepalives=1,
         keepalives_idle=5,
@@ -108,7 +114,7 @@ async def _apply(conn: psycopg.AsyncConnection, migration: Migration) -> None:
             "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
             (migration.version, migration.name),
         )
-    log.info("applied migration", extra={"version": migration.version, "name": migration.name})
+    log.info("applied migration", extra={"version": migration.version, "migration": migration.name})
 
 
 async def migrate_forever(url: str, stop: asyncio.Event) -> bool:
@@ -146,20 +152,20 @@ class DbHealth:
             try:
                 if conn is None or conn.closed:
                     conn = await connect(self.url)
-                    await conn.set_autocommit(True)
                 await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self.every + 1)
                 self.problem = None
             except Exception as exc:
                 self.problem = f"{type(exc).__name__}: {exc}".strip()
-                conn = await _close_quietly(conn)
+                conn = await close_quietly(conn)
             await sleep_or_stop(stop, self.every)
-        await _close_quietly(conn)
+        await close_quietly(conn)
 
     def report(self) -> dict[str, str]:
         return {} if self.problem is None else {"postgres": self.problem}
 
 
-async def _close_quietly(conn: psycopg.AsyncConnection | None) -> None:
+async def close_quietly(conn: psycopg.AsyncConnection | None) -> None:
+    """Close if open. Returns None so callers can write `conn = await close_quietly(conn)`."""
     if conn is not None:
         try:
             await conn.close()

@@ -1,0 +1,90 @@
+"""Batch preparation for the aggregator's single statement, and message decoding."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from qoe import bugs
+from qoe.aggregator import (
+    AGGREGATE_SQL,
+    AGGREGATE_SQL_NO_DEDUP,
+    AggregatorSettings,
+    decode_messages,
+    prepare_batch,
+)
+from qoe.contract import ValidEvent, canonical_json, check_event
+
+from .conftest import NOW, make_event
+
+
+def event(event_id: str, rtt: float = 10.0, ts: datetime = NOW, probe: str = "p1") -> ValidEvent:
+    return ValidEvent(event_id, probe, "t", ts, rtt, 1.0, 0.0, 5000.0)
+
+
+def test_first_occurrence_of_an_id_wins_and_rows_are_sorted_by_id() -> None:
+    rows = prepare_batch([event("b", 1), event("a", 2), event("b", 3), event("c", 4)], 60)
+    assert rows.event_id == ["a", "b", "c"]
+    assert rows.rtt == [2, 1, 4]
+    assert len(rows) == 3
+
+
+def test_window_start_is_computed_per_event() -> None:
+    times = [NOW, NOW + timedelta(seconds=59, microseconds=999999), NOW + timedelta(seconds=60)]
+    rows = prepare_batch([event(f"e{i}", ts=t) for i, t in enumerate(times)], 60)
+    assert rows.window_start == [NOW, NOW, NOW + timedelta(seconds=60)]
+    assert rows.event_ts == times
+
+
+def test_off_by_one_bug_reaches_the_batch() -> None:
+    bugs.reset(frozenset({"window_off_by_one"}))
+    rows = prepare_batch([event("a", ts=NOW)], 60)
+    assert rows.window_start == [NOW - timedelta(seconds=60)]
+
+
+def test_no_dedup_keeps_every_event_in_batch_order() -> None:
+    rows = prepare_batch([event("b", 1), event("a", 2), event("b", 3)], 60, dedup=False)
+    assert rows.event_id == ["b", "a", "b"]
+    assert rows.rtt == [1, 2, 3]
+
+
+def test_params_are_parallel_arrays_plus_window_seconds() -> None:
+    params = prepare_batch([event("a"), event("b")], 60).params(60)
+    assert params["window_seconds"] == 60
+    arrays = {k: v for k, v in params.items() if k != "window_seconds"}
+    assert {len(v) for v in arrays.values()} == {2}
+    for name in arrays:
+        assert f"%({name})s" in AGGREGATE_SQL
+
+
+def test_sql_variants_differ_only_in_the_dedup_filter() -> None:
+    assert "JOIN inserted" in AGGREGATE_SQL
+    assert "JOIN inserted" not in AGGREGATE_SQL_NO_DEDUP
+    for sql in (AGGREGATE_SQL, AGGREGATE_SQL_NO_DEDUP):
+        assert "ORDER BY event_id" in sql  # processed_events locked in one order
+        assert "ORDER BY probe_id, target, window_start" in sql  # windows too
+        assert "version = w.version + 1" in sql
+
+
+def test_decode_messages_separates_poison() -> None:
+    good = canonical_json(check_event(make_event(event_id="ok"), NOW))
+    old = json.dumps(make_event(event_id="old", ts="2001-01-01T00:00:00Z")).encode()
+    payloads = [good, b"\xff not json", old, json.dumps(make_event(rtt_ms=-1)).encode(), b"{}"]
+    decoded, poison = decode_messages(payloads)
+    assert [(i, e.event_id) for i, e in decoded] == [(0, "ok"), (2, "old")]
+    assert poison == [1, 3, 4]
+    assert decoded[1][1].ts == datetime(2001, 1, 1, tzinfo=UTC)
+
+
+def test_settings_defaults_and_env() -> None:
+    settings = AggregatorSettings.from_env({"DATABASE_URL": "postgresql://x/y"})
+    assert (settings.window_seconds, settings.fetch_batch, settings.ack_wait_seconds) == (
+        60,
+        500,
+        10,
+    )
+    assert settings.retention_hours == 48
+    custom = AggregatorSettings.from_env(
+        {"DATABASE_URL": "postgresql://x/y", "WINDOW_SECONDS": "10", "FETCH_BATCH": "50"}
+    )
+    assert (custom.window_seconds, custom.fetch_batch) == (10, 50)

@@ -1,0 +1,79 @@
+"""The diagnosis rules and the sweep's statement parameters."""
+
+from __future__ import annotations
+
+import pytest
+from qoe.config import ConfigError
+from qoe.diagnoser import (
+    INSERT_SQL,
+    REPLACE_SQL,
+    Diagnosis,
+    Thresholds,
+    WindowSums,
+    diagnose,
+    replace_params,
+)
+
+from .conftest import NOW
+
+
+def window(samples: int = 2, rtt=0.0, jitter=0.0, loss=0.0, throughput=4000.0) -> WindowSums:
+    """Sums for `samples` events whose averages are the given numbers."""
+    return WindowSums(
+        "p1", "t", NOW, 60, samples, rtt * samples, jitter * samples, loss * samples,
+        throughput * samples, 3,
+    )  # fmt: skip
+
+
+DEFAULTS = Thresholds()
+
+
+def kinds(w: WindowSums, t: Thresholds = DEFAULTS) -> list[str]:
+    return [d.kind for d in diagnose(w, t)]
+
+
+def test_healthy_window_has_no_diagnosis() -> None:
+    assert diagnose(window(rtt=50, jitter=5, loss=0.1, throughput=9000), Thresholds()) == []
+
+
+def test_each_rule_fires_with_average_and_threshold() -> None:
+    found = diagnose(window(rtt=200, jitter=40, loss=3, throughput=500), Thresholds())
+    assert found == [
+        Diagnosis("high_latency", 200, 150),
+        Diagnosis("high_jitter", 40, 30),
+        Diagnosis("packet_loss", 3, 2),
+        Diagnosis("low_throughput", 500, 1000),
+    ]
+
+
+def test_comparisons_are_strict_at_the_threshold() -> None:
+    assert kinds(window(rtt=150, jitter=30, loss=2, throughput=1000)) == []
+    assert kinds(window(rtt=150.001)) == ["high_latency"]
+    assert kinds(window(throughput=999.999)) == ["low_throughput"]
+
+
+def test_rules_use_averages_not_sums() -> None:
+    # 10 events of 100 ms: rtt_sum 1000 is far over 150, the average is not.
+    assert kinds(window(samples=10, rtt=100)) == []
+
+
+def test_thresholds_come_from_env() -> None:
+    t = Thresholds.from_env({"HIGH_LATENCY_MS": "50", "LOW_THROUGHPUT_KBPS": "5000"})
+    assert t == Thresholds(50, 30, 2, 5000)
+    assert kinds(window(rtt=60), t) == ["high_latency", "low_throughput"]
+    with pytest.raises(ConfigError, match="HIGH_JITTER_MS"):
+        Thresholds.from_env({"HIGH_JITTER_MS": "lots"})
+
+
+def test_replace_params_cover_windows_without_diagnoses() -> None:
+    healthy, sick = window(), window(rtt=500)
+    judged = [(healthy, diagnose(healthy, Thresholds())), (sick, diagnose(sick, Thresholds()))]
+    params = replace_params(judged)
+    assert params["version"] == [3, 3]  # both windows are marked judged...
+    assert params["d_kind"] == ["high_latency"]  # ...only one gets a row
+    assert params["d_observed"] == [500]
+    delete, insert, mark = REPLACE_SQL
+    assert insert is INSERT_SQL
+    assert "%(d_threshold)s" in insert
+    assert "%(probe_id)s" in delete
+    assert "diagnosed_version = c.version" in mark
