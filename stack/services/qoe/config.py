@@ -58,6 +58,13 @@ def get_int(
     return number
 
 
+def get_optional_int(name: str, env: Env | None = None) -> int | None:
+    """An integer variable, or None when unset (e.g. SEED: unset means 'random')."""
+    if _raw(name, env) is None:
+        return None
+    return get_int(name, 0, env)
+
+
 def get_float(
     name: str,
     default: float,
