@@ -1,0 +1,313 @@
+"""The run report: summary.json (data) and summary.html (a view of it) per run folder.
+
+Everything of a run lives under ``reports/out/<run-id>/``. RunReport collects scenario
+results (with their verdicts as data) and the run timeline; ``write`` stores summary.json and
+renders summary.html from reports/templates/summary.html.j2: a self-contained page (inline CSS
+and an inline SVG timeline drawn with matplotlib; no scripts, no CDN). ``render`` re-renders
+the page from summary.json alone, for ``python -m harness report``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shlex
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from harness.checker import convergence_stats
+from harness.history import Timeline
+
+__all__ = ["TEMPLATES", "RunReport", "ScenarioResult", "render", "render_html", "timeline_svg"]
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
+TEMPLATE_NAME = "summary.html.j2"
+SCHEMA_VERSION = 1
+
+# Row order of the timeline; unknown sources follow in alphabetical order.
+_SOURCES = ("nemesis", "docker", "workload", "checker", "scenario")
+_COLORS = {
+    "nemesis": "#d62728",
+    "docker": "#1f77b4",
+    "workload": "#2ca02c",
+    "checker": "#9467bd",
+    "scenario": "#7f7f7f",
+}
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    nodeid: str
+    outcome: str  # passed | failed | skipped
+    duration_s: float
+    verdict: Mapping[str, Any] | None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    logs: Mapping[str, str] = field(default_factory=dict)
+    finished_at: float = 0.0
+
+
+class RunReport:
+    """Collects one run's results; thread-safe; ``write`` may be called more than once."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        run_id: str,
+        seed: int | None,
+        stack_info: Mapping[str, Any] | None = None,
+        *,
+        command: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.seed = seed
+        self.stack_info = dict(stack_info or {})
+        self.command = command or ".venv/bin/pytest"
+        self.started_at = time.time()
+        self._lock = threading.Lock()
+        self._scenarios: list[ScenarioResult] = []
+        self._marks: list[dict[str, Any]] = []
+
+    def add_scenario(
+        self,
+        nodeid: str,
+        outcome: str,
+        duration_s: float,
+        verdict: Mapping[str, Any] | None,
+        details: Mapping[str, Any] | None = None,
+        logs: Mapping[str, str] | None = None,
+    ) -> None:
+        result = ScenarioResult(
+            nodeid=nodeid,
+            outcome=outcome,
+            duration_s=float(duration_s),
+            verdict=verdict,
+            details=dict(details or {}),
+            logs=dict(logs or {}),
+            finished_at=time.time(),
+        )
+        with self._lock:
+            self._scenarios.append(result)
+
+    def add_timeline(self, timeline: Timeline) -> None:
+        marks = [m.to_dict() for m in timeline.marks()]
+        with self._lock:
+            self._marks.extend(marks)
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            scenarios = list(self._scenarios)
+            marks = sorted(self._marks, key=lambda m: m["at"])
+        return summarise(
+            run_id=self.run_id,
+            seed=self.seed,
+            stack_info=self.stack_info,
+            command=self.command,
+            started_at=self.started_at,
+            scenarios=scenarios,
+            marks=marks,
+        )
+
+    def write(self) -> Path:
+        """Write summary.json and summary.html; return the path of the page."""
+        summary = self.to_dict()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        page = self.run_dir / "summary.html"
+        _atomic_write(page, render_html(summary))
+        return page
+
+
+def summarise(
+    *,
+    run_id: str,
+    seed: int | None,
+    stack_info: Mapping[str, Any],
+    command: str,
+    started_at: float,
+    scenarios: Sequence[ScenarioResult],
+    marks: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The summary.json document: plain data, enough to re-render the page."""
+    totals: dict[str, int] = {"total": len(scenarios)}
+    for s in scenarios:
+        totals[s.outcome] = totals.get(s.outcome, 0) + 1
+    times = [
+        float(s.verdict["convergence_s"])
+        for s in scenarios
+        if s.verdict and s.verdict.get("convergence_s") is not None
+    ]
+    failed = [s.nodeid for s in scenarios if s.outcome == "failed"]
+    seed_arg = f" --run-seed {seed}" if seed is not None else ""
+    rows = []
+    for s in scenarios:
+        row = asdict(s)
+        row["reproduce"] = f"{command} {shlex.quote(s.nodeid)}{seed_arg}"
+        rows.append(row)
+    return {
+        "schema": SCHEMA_VERSION,
+        "run_id": run_id,
+        "seed": seed,
+        "stack": dict(stack_info),
+        "started_at": started_at,
+        "written_at": time.time(),
+        "totals": totals,
+        "valid": not failed,
+        "convergence": convergence_stats(times),
+        "reproduce": {
+            "run": f"{command}{seed_arg}",
+            "failed": f"{command} {' '.join(shlex.quote(n) for n in failed)}{seed_arg}"
+            if failed
+            else None,
+        },
+        "scenarios": rows,
+        "timeline": [dict(m) for m in marks],
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --- the timeline picture -------------------------------------------------------------------
+
+
+def _label(text: str) -> str:
+    # matplotlib treats $...$ as math; marks are plain text.
+    return text.replace("$", r"\$")
+
+
+def timeline_svg(marks: Sequence[Mapping[str, Any]], started_at: float | None = None) -> str:
+    """The run timeline as an inline <svg>: a row per source, points for instants, bands for
+    marks with a duration. Empty string when there is nothing to draw."""
+    if not marks:
+        return ""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in threads
+
+    t0 = min([float(m["at"]) for m in marks] + ([started_at] if started_at else []))
+    sources = sorted(
+        {str(m["source"]) for m in marks},
+        key=lambda s: (_SOURCES.index(s) if s in _SOURCES else len(_SOURCES), s),
+    )
+    row = {s: i for i, s in enumerate(sources)}
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "qoe-harness"}):
+        fig = Figure(figsize=(11, 0.6 * len(sources) + 1.2), layout="constrained")
+        ax = fig.add_subplot()
+        for m in marks:
+            src = str(m["source"])
+            x = float(m["at"]) - t0
+            y = row[src]
+            color = _COLORS.get(src, "#555555")
+            duration = m.get("duration_s")
+            if duration:
+                ax.broken_barh([(x, float(duration))], (y - 0.3, 0.6), color=color, alpha=0.35)
+                ax.text(x, y + 0.32, _label(str(m["name"]))[:40], fontsize=7, va="bottom")
+            else:
+                ax.plot([x], [y], marker="|", markersize=14, color=color, linestyle="none")
+        ax.set_yticks(range(len(sources)), [_label(s) for s in sources])
+        ax.set_ylim(-0.7, len(sources) - 0.2)
+        ax.set_xlabel("seconds since the run started")
+        ax.grid(axis="x", alpha=0.3)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]  # drop the XML prologue and doctype: inline in HTML
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
+
+
+# --- the page -------------------------------------------------------------------------------
+
+
+def _environment() -> jinja2.Environment:
+    if not (TEMPLATES / TEMPLATE_NAME).is_file():
+        raise FileNotFoundError(
+            f"report template {TEMPLATES / TEMPLATE_NAME} not found; expected the repository's "
+            "reports/templates next to the harness package (is the checkout complete?)"
+        )
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(["html", "j2"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = _when
+    env.filters["seconds"] = _seconds
+    env.filters["num"] = _num
+    env.filters["slug"] = lambda s: re.sub(r"[^A-Za-z0-9_-]+", "-", str(s)).strip("-")
+    return env
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _seconds(x: float | None) -> str:
+    return "-" if x is None else f"{float(x):.2f}s"
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.6g}"
+    return str(x)
+
+
+def _scenario_bands(scenarios: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each scenario as a band on the timeline, so faults line up with the test they hit."""
+    bands = []
+    for sc in scenarios:
+        end, duration = sc.get("finished_at"), float(sc.get("duration_s") or 0.0)
+        if not end or duration <= 0:
+            continue
+        name = str(sc["nodeid"]).rsplit("::", 1)[-1]
+        mark = "" if sc.get("outcome") != "failed" else " (failed)"
+        bands.append(
+            {
+                "at": float(end) - duration,
+                "source": "scenario",
+                "name": name + mark,
+                "duration_s": duration,
+            }
+        )
+    return bands
+
+
+def render_html(summary: Mapping[str, Any]) -> str:
+    """The HTML page for a summary.json document."""
+    svg = timeline_svg(
+        [*summary.get("timeline", []), *_scenario_bands(summary.get("scenarios", []))],
+        summary.get("started_at"),
+    )
+    template = _environment().get_template(TEMPLATE_NAME)
+    return template.render(s=summary, timeline_svg=svg, t0=summary.get("started_at"))
+
+
+def render(run_dir: str | os.PathLike[str]) -> Path:
+    """Re-render summary.html from a run folder's summary.json; return the page's path."""
+    run_dir = Path(run_dir)
+    source = run_dir / "summary.json"
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"{source} not found: expected a run folder written by the harness "
+            "(reports/out/<run-id>/); pass the folder of a finished run"
+        )
+    summary = json.loads(source.read_text(encoding="utf-8"))
+    page = run_dir / "summary.html"
+    _atomic_write(page, render_html(summary))
+    return page
