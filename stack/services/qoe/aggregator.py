@@ -465,7 +465,7 @@ async def main(stop: asyncio.Event) -> None:
         return {**health.report(), **problems}
 
     http = HttpServer(make_app(readiness), http_port())
-    http.start()
+    await http.start()
     health_task = asyncio.create_task(health.run(stop))
     if not await db.migrate_forever(settings.database_url, stop):
         return await _shutdown(http, health_task, None)

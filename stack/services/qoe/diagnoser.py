@@ -266,7 +266,7 @@ async def main(stop: asyncio.Event) -> None:
         return problems
 
     http = HttpServer(make_app(readiness), http_port())
-    http.start()
+    await http.start()
     tasks = [asyncio.create_task(health.run(stop))]
     if await db.migrate_forever(settings.database_url, stop):
         tasks.append(asyncio.create_task(_listen_for_hints(urls, diagnoser, nats_state, stop)))

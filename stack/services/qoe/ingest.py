@@ -256,7 +256,7 @@ async def main(stop: asyncio.Event) -> None:
     publisher = JetStreamPublisher()
     app = create_app(publisher, settings, publisher.readiness)
     http = HttpServer(app, http_port())
-    http.start()  # /healthz answers while NATS is still coming up
+    await http.start()  # /healthz answers while NATS is still coming up
     log.info("ingest listening", extra={"probes": sorted(settings.tokens)})
     nc = await natsutil.connect(urls, "qoe-ingest", stop)
     if nc is not None:

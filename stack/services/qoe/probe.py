@@ -494,7 +494,7 @@ async def main(stop: asyncio.Event) -> None:
     async with httpx.AsyncClient(timeout=timeout) as client:
         probe = Probe(settings, spool, client)
         http = HttpServer(create_app(probe), http_port())
-        http.start()
+        await http.start()
         workers = [
             asyncio.create_task(probe.generate_forever(stop)),
             asyncio.create_task(probe.deliver_forever(stop)),

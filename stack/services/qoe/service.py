@@ -32,6 +32,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of msg
 }
 
 
@@ -65,6 +66,8 @@ def setup_logging(service: str, level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or get_str("LOG_LEVEL", "INFO")).upper())
+    # httpx logs every request at INFO; the probe's own lines say what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 Readiness = Callable[[], Awaitable[dict[str, str]]]
@@ -113,6 +116,7 @@ class HttpServer:
     """uvicorn serving `app` as a task of the current loop."""
 
     def __init__(self, app: Starlette, port: int) -> None:
+        self.port = port
         config = uvicorn.Config(
             app,
             host="0.0.0.0",
@@ -125,8 +129,21 @@ class HttpServer:
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="http")
+    async def start(self) -> None:
+        """Serve in the background; returns once listening, raises if the port cannot be bound."""
+        self._task = asyncio.create_task(self._serve(), name="http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # re-raises the startup error
+            await asyncio.sleep(0.01)
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit:  # uvicorn exits the process when it cannot bind; we report instead
+            raise OSError(f"cannot serve HTTP on port {self.port} (see the log above)") from None
+        if not self._server.started:
+            raise OSError(f"HTTP server on port {self.port} stopped during startup")
 
     async def stop(self) -> None:
         """Stop accepting connections and let in-flight requests finish (up to 5 s)."""
@@ -152,6 +169,9 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     except ConfigError as exc:
         log.critical("configuration error: %s", exc)
         sys.exit(2)
+    except Exception:
+        log.critical("fatal error", exc_info=True)
+        sys.exit(1)
     log.info("stopped cleanly")
     sys.exit(0)
 
