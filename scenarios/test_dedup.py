@@ -41,8 +41,9 @@ def test_same_ids_concurrently_to_both_ingest_replicas(
     batches = [generator.batch(200) for _ in range(5)]
     sends = [(batch, url) for batch in batches for url in endpoints.ingest_urls for _ in range(2)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for op in pool.map(lambda pair: client.send(pair[0], url=pair[1]), sends):
-            ok(op)
+        list(pool.map(lambda pair: client.send(pair[0], url=pair[1]), sends))
+    # Under this burst ingest may answer 503 (unknown outcome); a real probe resends, so do we.
+    client.settle(deadline_s=60)
     verifier.verify(history, list(generator.probes))
 
 

@@ -13,7 +13,7 @@ APP_DB=${POSTGRES_DB:-qoe}
 init_primary() {
   pwfile=$(mktemp)
   printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
-  initdb -U postgres --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 -D "$PGDATA" >/dev/null
+  initdb -U postgres --encoding=UTF8 --locale=C.UTF-8 --pwfile="$pwfile" --auth-local=trust --auth-host=scram-sha-256 -D "$PGDATA" >/dev/null
   rm -f "$pwfile"
   if [ "${SYNC_REPLICATION:-on}" = on ]; then standby="'replica'"; else standby="''"; fi
   cat >>"$PGDATA/postgresql.conf" <<CONF

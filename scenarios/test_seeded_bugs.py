@@ -1,0 +1,99 @@
+"""Meta-tests: a harness that passes a broken stack is broken.
+
+Each test switches on one seeded bug in the reference stack (QOE_SEEDED_BUGS), runs the
+scenario that should catch it, and requires the harness's verdict to FAIL with a message that
+names the wrong windows. The stack is restored to its defaults afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from harness import checker
+from harness.history import History, Outcome
+from harness.nats_admin import JetStreamAdmin
+from harness.polling import wait_until
+from harness.stack import StackSettings
+from harness.workload import EventGenerator, IngestClient
+
+pytestmark = pytest.mark.meta
+
+
+def bug(name: str):
+    return pytest.mark.parametrize(
+        "reconfigured_stack", [StackSettings(seeded_bugs=(name,))], indirect=True, ids=[name]
+    )
+
+
+def assert_caught(verdict: checker.Verdict, generator: EventGenerator) -> str:
+    """The verdict is invalid and its message names at least one of this scenario's windows."""
+    message = verdict.summary()
+    assert not verdict.valid, "the harness passed a stack with a seeded bug"
+    assert any(probe in message for probe in generator.probes), message
+    return message
+
+
+@bug("aggregator_no_dedup")
+def test_aggregator_without_dedup_fails_the_resend_scenario(
+    reconfigured_stack, client: IngestClient, generator, verifier, history
+):
+    batch = generator.batch(200)
+    for _ in range(2):
+        assert client.send(batch).outcome is Outcome.OK
+    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
+
+
+@bug("window_off_by_one")
+def test_window_off_by_one_fails_the_boundary_scenario(
+    reconfigured_stack, client: IngestClient, generator, verifier, history
+):
+    w = generator.window_seconds
+    boundary = datetime.fromtimestamp(int(datetime.now(UTC).timestamp()) // w * w, UTC)
+    batch = [
+        replace(e, ts=boundary - timedelta(seconds=w * i))
+        for i, e in enumerate(generator.batch(20))
+    ]
+    assert client.send(batch).outcome is Outcome.OK
+    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
+
+
+@bug("ingest_early_ack")
+def test_ingest_acking_before_jetstream_fails_the_partition_scenario(
+    reconfigured_stack, client: IngestClient, generator, nemesis, verifier, history
+):
+    with nemesis.cut("ingest-nats"):
+        op = client.send(generator.batch(100))
+    # A correct ingest answers 503 here; the seeded one claims success for events it lost.
+    assert op.outcome is Outcome.OK, f"expected the bug's early 202, got {op.status} {op.error}"
+    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=15), generator)
+
+
+@bug("aggregator_ack_before_commit")
+def test_aggregator_acking_before_commit_fails_the_database_partition_scenario(
+    reconfigured_stack, endpoints, client: IngestClient, generator, nemesis, verifier, history
+):
+    admin = JetStreamAdmin(endpoints.nats_urls)
+    with nemesis.cut("aggregator-postgres"):
+        assert client.send(generator.batch(200)).outcome is Outcome.OK
+        # The seeded aggregator acknowledges what it could not commit; a correct one never does.
+        wait_until(
+            lambda: admin.consumer_pending() == (0, 0),
+            timeout_s=20,
+            what="the aggregators acknowledging the batch while the database is cut off",
+        )
+        for service in ("aggregator-1", "aggregator-2"):
+            nemesis.kill(service, await_healthy=False)
+    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=15), generator)
+
+
+def test_meta_tests_restore_a_correct_stack(
+    client: IngestClient, generator, verifier, history: History
+):
+    """After the meta-tests the default stack is back: the same resend passes."""
+    batch = generator.batch(100)
+    for _ in range(2):
+        assert client.send(batch).outcome is Outcome.OK
+    verifier.verify(history, list(generator.probes))
