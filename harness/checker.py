@@ -50,8 +50,12 @@ _MICRO = timedelta(microseconds=1)
 _REL_PER_TERM = 4 * 2.0**-52
 _ABS_TOL = 1e-9
 
-# Work allowed to the choice search per group of coupled windows before bounds checks are used.
-DEFAULT_SEARCH_BUDGET = 200_000
+# Work allowed to the choice search per group of coupled windows before bounds checks are used
+# (a node costs a few microseconds: 20 000 keep a poll of many windows well under a second).
+DEFAULT_SEARCH_BUDGET = 20_000
+
+# Search results by (windows, observed rows, budget); only valid for one Expectation.
+SearchCache = dict[tuple[Any, ...], tuple[str, Any]]
 
 SUM_FIELDS = ("rtt_sum", "jitter_sum", "loss_sum", "throughput_sum")
 MAX_FIELDS = ("rtt_max", "jitter_max", "loss_max")
@@ -641,7 +645,7 @@ def _search(
     # be in their window (absent, or outside its min/max) are dropped up front.
     options: list[list[tuple[int, Event] | None]] = []
     for c in comp.choices:
-        opts: list[tuple[int, Event] | None] = [] if c.required else [None]
+        opts: list[tuple[int, Event] | None] = []
         seen: set[tuple[int, tuple[float, ...]]] = set()
         for v in c.variants:
             wi = w_index[key_of(v, exp.window_seconds)]
@@ -650,6 +654,9 @@ def _search(
                 continue  # same contribution as another variant, or impossible here
             seen.add(sig)
             opts.append((wi, v))
+        if not c.required:
+            # Tried last: after a timeout or a 503 the events were usually stored after all.
+            opts.append(None)
         if not opts:
             return None  # an acknowledged id none of whose payloads can be where it must be
         options.append(opts)
@@ -802,6 +809,32 @@ def _bounds_problems(
     return problems, (lo, hi)
 
 
+def _cached_search(
+    comp: _Component,
+    exp: Expectation,
+    observed: Mapping[WindowKey, Aggregate],
+    budget: int,
+    cache: SearchCache | None,
+) -> tuple[str, dict[WindowKey, _State] | None]:
+    """("choice", match or None) or ("bounds", None) when the budget ran out.
+
+    Polls mostly see the same rows again, so results are remembered per observed rows.
+    """
+    key = (tuple(comp.windows), tuple(observed.get(k) for k in comp.windows), budget)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        result: tuple[str, dict[WindowKey, _State] | None] = (
+            "choice",
+            _search(comp, exp, observed, budget),
+        )
+    except _BudgetExceeded:
+        result = ("bounds", None)
+    if cache is not None:
+        cache[key] = result
+    return result
+
+
 def _component_problem(
     comp: _Component,
     exp: Expectation,
@@ -835,6 +868,7 @@ def _check_component(
     observed_diag: Mapping[WindowKey, Mapping[str, tuple[float, float]]],
     rules: Rules,
     budget: int,
+    cache: SearchCache | None,
 ) -> list[WindowVerdict]:
     candidates: dict[WindowKey, list[tuple[Choice, list[Event]]]] = defaultdict(list)
     for c in comp.choices:
@@ -843,12 +877,7 @@ def _check_component(
             per_window[key_of(v, exp.window_seconds)].append(v)
         for k, vs in per_window.items():
             candidates[k].append((c, vs))
-    try:
-        found = _search(comp, exp, observed, budget)
-        mode = "choice"
-    except _BudgetExceeded:
-        found = None
-        mode = "bounds"
+    mode, found = _cached_search(comp, exp, observed, budget, cache)
     component_problem = _component_problem(comp, exp, observed, candidates)
     verdicts: list[WindowVerdict] = []
     for k in comp.windows:
@@ -918,8 +947,12 @@ def check(
     rules: Rules,
     *,
     budget: int = DEFAULT_SEARCH_BUDGET,
+    cache: SearchCache | None = None,
 ) -> Verdict:
-    """Compare the oracle with the observed views; pure, returns a Verdict."""
+    """Compare the oracle with the observed views; pure, returns a Verdict.
+
+    ``cache`` (optional) remembers choice searches between calls with the same expectation.
+    """
     components, plain = _components(exp)
     verdicts: list[WindowVerdict] = [
         _check_exact(
@@ -929,7 +962,7 @@ def check(
     ]
     for comp in components:
         verdicts += _check_component(
-            comp, exp, observed_aggregates, observed_diagnoses, rules, budget
+            comp, exp, observed_aggregates, observed_diagnoses, rules, budget, cache
         )
     known = exp.windows()
     for k in sorted((set(observed_aggregates) | set(observed_diagnoses)) - known):
@@ -1026,6 +1059,7 @@ def await_convergence(
     started = clock()
     deadline = started + timeout_s
     polls = 0
+    cache: SearchCache = {}
     last: Verdict | None = None
     last_error: BaseException | None = None
     while True:
@@ -1035,7 +1069,7 @@ def await_convergence(
         except retry as exc:
             last_error = exc
         else:
-            last = check(exp, obs.aggregates, obs.diagnoses, rules)
+            last = check(exp, obs.aggregates, obs.diagnoses, rules, cache=cache)
             now = clock()
             if last.valid:
                 return replace(

@@ -516,3 +516,16 @@ def test_aggregate_by_window_matches_manual() -> None:
     assert aggs[WindowKey("p1", "t1", T0 + timedelta(seconds=W), W)].rtt_sum == 1.0
     with pytest.raises(ValueError, match="at least one event"):
         aggregate([])
+
+
+def test_cache_gives_the_same_verdict_and_is_reused() -> None:
+    unknown = [ev(f"u{i}", sec=i, rtt=10.0 + i) for i in range(12)]
+    ops = [op(Outcome.OK, ev("a")), op(Outcome.UNKNOWN, *unknown)]
+    obs = observe([ev("a"), *unknown[::2]])
+    exp = expectation(History(ops), W)
+    cache: dict = {}
+    first = check(exp, obs.aggregates, obs.diagnoses, RULES, cache=cache)
+    assert len(cache) == 1
+    again = check(exp, obs.aggregates, obs.diagnoses, RULES, cache=cache)
+    assert first == again == check(exp, obs.aggregates, obs.diagnoses, RULES)
+    assert first.valid and first.counts["choice"] == 1
