@@ -145,6 +145,8 @@ def check_event(raw: Any, now: datetime | None) -> ValidEvent:
         event = msgspec.convert(raw, Event)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(*_describe(str(exc))) from None
+    except RecursionError:
+        raise InvalidEvent("", "nested too deeply") from None
     for name in FLOAT_FIELDS:
         if not math.isfinite(getattr(event, name)):
             raise InvalidEvent(name, "must be a finite number (NaN and infinities are rejected)")
@@ -198,6 +200,8 @@ def validate_batch(body: bytes, now: datetime) -> ValidBatch | Rejection:
         doc = _JSON.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         return _error(400, f"body is not valid JSON: {exc}")
+    except RecursionError:  # e.g. 500k nested arrays: valid JSON, hostile shape
+        return _error(400, "body is nested too deeply")
     items = _events_list(doc)
     if isinstance(items, Rejection):
         return items
@@ -270,6 +274,6 @@ def decode_canonical(payload: bytes) -> ValidEvent:
     """
     try:
         raw = _JSON.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise InvalidEvent("", f"payload is not JSON: {exc}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise InvalidEvent("", f"payload is not JSON: {exc!r}") from None
     return check_event(raw, None)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -230,16 +231,18 @@ class JetStreamPublisher:
 
     def __init__(self) -> None:
         self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
         self.stream_ready = False
+
+    def attach(self, nc: NATS) -> None:
+        self.nc, self.js = nc, nc.jetstream()
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str], timeout: float
     ) -> Ack:
-        if self.nc is None or not self.nc.is_connected:
+        if self.nc is None or self.js is None or not self.nc.is_connected:
             raise ConnectionError("NATS is not connected")
-        return await self.nc.jetstream().publish(
-            subject, payload, timeout=timeout, headers=dict(headers)
-        )
+        return await self.js.publish(subject, payload, timeout=timeout, headers=dict(headers))
 
     async def readiness(self) -> dict[str, str]:
         if self.nc is None or not self.nc.is_connected:
@@ -260,7 +263,7 @@ async def main(stop: asyncio.Event) -> None:
     log.info("ingest listening", extra={"probes": sorted(settings.tokens)})
     nc = await natsutil.connect(urls, "qoe-ingest", stop)
     if nc is not None:
-        publisher.nc = nc
+        publisher.attach(nc)
         publisher.stream_ready = await natsutil.ensure_stream_forever(nc.jetstream(), stream, stop)
     await stop.wait()
     await http.stop()  # in-flight requests finish: each waits for its acks or its deadline

@@ -293,3 +293,23 @@ def test_distinct_by_id_keeps_first_occurrence() -> None:
 def test_aware_now_in_another_zone_works() -> None:
     now = NOW.astimezone(timezone(timedelta(hours=-7)))
     assert isinstance(validate_batch(body_of(make_event()), now), ValidBatch)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"events":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+        b'{"events":[' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+        b'{"events":[{"event_id":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001 + b"]}",
+    ],
+)
+def test_hostile_nesting_is_a_clean_rejection(body: bytes) -> None:
+    assert len(body) <= MAX_BODY_BYTES
+    result = validate_batch(body, NOW)
+    assert isinstance(result, Rejection)
+    assert result.status in (400, 422)
+
+
+def test_deeply_nested_stream_payload_is_poison() -> None:
+    with pytest.raises(InvalidEvent):
+        decode_canonical(b"[" * 200_000 + b"]" * 200_000)
