@@ -357,7 +357,9 @@ class Aggregator:
         backoff = Backoff(base=0.1, cap=5.0)
         while True:
             try:
-                return await self._commit_once(rows)
+                result = await self._commit_once(rows)
+                self.db_problem = None
+                return result
             except db.RETRY_NOW as exc:
                 DB_ERRORS.labels("conflict").inc()
                 log.info("transaction conflict, retrying: %s", exc)
@@ -383,7 +385,6 @@ class Aggregator:
         started = time.perf_counter()
         result = await apply_batch(self.conn, rows, self.settings.window_seconds, dedup=self.dedup)
         COMMIT_SECONDS.observe(time.perf_counter() - started)
-        self.db_problem = None
         return result
 
     async def hint(self, changed: list[WindowKey]) -> None:

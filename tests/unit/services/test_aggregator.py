@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import psycopg
 from qoe import bugs
 from qoe.aggregator import (
     AGGREGATE_SQL,
     AGGREGATE_SQL_NO_DEDUP,
+    Aggregator,
     AggregatorSettings,
+    BatchResult,
+    BatchRows,
+    WindowKey,
     decode_messages,
     prepare_batch,
 )
@@ -88,3 +95,110 @@ def test_settings_defaults_and_env() -> None:
         {"DATABASE_URL": "postgresql://x/y", "WINDOW_SECONDS": "10", "FETCH_BATCH": "50"}
     )
     assert (custom.window_seconds, custom.fetch_batch) == (10, 50)
+
+
+class FakeMsg:
+    """A JetStream message that records what the aggregator did with it, in order."""
+
+    def __init__(self, data: bytes, journal: list[str]) -> None:
+        self.data, self.journal = data, journal
+
+    async def ack(self) -> None:
+        self.journal.append("ack")
+
+    async def nak(self) -> None:
+        self.journal.append("nak")
+
+    async def term(self) -> None:
+        self.journal.append("term")
+
+    async def in_progress(self) -> None:
+        self.journal.append("in_progress")
+
+
+class FakeNats:
+    is_connected = True
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.published.append((subject, payload))
+
+
+class ScriptedAggregator(Aggregator):
+    """The real process()/commit() logic over a scripted database."""
+
+    def __init__(self, journal: list[str], failures: list[Exception], **settings: Any) -> None:
+        super().__init__(
+            AggregatorSettings(database_url="postgresql://unused", **settings), FakeNats()
+        )
+        self.journal, self.failures = journal, failures
+
+    async def _commit_once(self, rows: BatchRows) -> BatchResult:
+        if self.failures:
+            self.journal.append("commit failed")
+            raise self.failures.pop(0)
+        self.journal.append(f"commit {len(rows)}")
+        key = WindowKey("p1", "t", NOW, 60)
+        return BatchResult([key], len(rows))
+
+
+def payload(event_id: str) -> bytes:
+    return canonical_json(check_event(make_event(event_id=event_id), NOW))
+
+
+def run_process(agg: ScriptedAggregator, msgs: list[FakeMsg], stop_after: float | None = None):
+    async def go() -> None:
+        stop = asyncio.Event()
+        if stop_after is not None:
+            asyncio.get_running_loop().call_later(stop_after, stop.set)
+        await agg.process(msgs, stop)
+
+    asyncio.run(go())
+
+
+def test_acks_only_after_commit_and_terminates_poison() -> None:
+    journal: list[str] = []
+    agg = ScriptedAggregator(journal, [])
+    msgs = [
+        FakeMsg(payload("a"), journal),
+        FakeMsg(b"junk", journal),
+        FakeMsg(payload("b"), journal),
+    ]
+    run_process(agg, msgs)
+    assert journal == ["term", "commit 2", "ack", "ack"]
+    [(subject, hint)] = agg.nc.published
+    assert subject == "qoe.windows.changed"
+    assert json.loads(hint)["windows"][0]["probe_id"] == "p1"
+
+
+def test_conflicts_and_outages_are_retried_before_acking() -> None:
+    journal: list[str] = []
+    failures: list[Exception] = [
+        psycopg.errors.DeadlockDetected("deadlock"),
+        psycopg.OperationalError("server closed the connection"),
+    ]
+    agg = ScriptedAggregator(journal, failures)
+    run_process(agg, [FakeMsg(payload("a"), journal)])
+    assert journal == ["commit failed", "commit failed", "commit 1", "ack"]
+    assert agg.db_problem is None
+
+
+def test_shutdown_during_an_outage_naks_and_keeps_the_batch_alive_meanwhile() -> None:
+    journal: list[str] = []
+    agg = ScriptedAggregator(journal, [psycopg.OperationalError("down")] * 100, ack_wait_seconds=1)
+    run_process(agg, [FakeMsg(payload("a"), journal)], stop_after=1.2)
+    assert "ack" not in journal
+    assert journal[-1] == "nak"
+    assert "in_progress" in journal
+    assert agg.db_problem is not None
+    assert "postgres" in asyncio.run(agg.readiness())
+
+
+def test_ack_before_commit_bug_acks_first_and_drops_on_failure() -> None:
+    bugs.reset(frozenset({"aggregator_ack_before_commit"}))
+    journal: list[str] = []
+    agg = ScriptedAggregator(journal, [psycopg.OperationalError("down")])
+    run_process(agg, [FakeMsg(payload("a"), journal)])
+    assert journal == ["ack", "commit failed"]
