@@ -288,36 +288,48 @@ class Expectation:
         return keys
 
 
-def expectation(history: History | Iterable[Operation], window_seconds: int = 60) -> Expectation:
-    """Build the oracle from a history (see the module docstring for the rules)."""
+def expectation(
+    history: History | Iterable[Operation], window_seconds: int = 60, *, realtime: bool = True
+) -> Expectation:
+    """Build the oracle from a history (see the module docstring for the rules).
+
+    ``realtime``: a payload sent in an operation invoked after the id was first acknowledged
+    cannot be the first committed one, so it is not a candidate for that id. This needs the
+    operations' clocks to agree (one host, or synchronised hosts); pass False otherwise.
+    """
     ops = history.operations() if isinstance(history, History) else tuple(history)
+    first_ack: dict[str, float] = {}
+    for op in ops:
+        if op.outcome is Outcome.OK:
+            for e in op.events:
+                first_ack[e.event_id] = min(first_ack.get(e.event_id, math.inf), op.completed_at)
     variants: dict[str, dict[Event, None]] = {}  # dict as an ordered set
-    acked: set[str] = set()
     probes: set[str] = set()
     for op in ops:
         if op.outcome is Outcome.FAIL:
             continue  # definitely not stored: contributes nothing
         for e in op.events:
-            variants.setdefault(e.event_id, {})[e] = None
             probes.add(e.probe_id)
-            if op.outcome is Outcome.OK:
-                acked.add(e.event_id)
+            if realtime and op.invoked_at > first_ack.get(e.event_id, math.inf):
+                continue  # sent after the id was already stored: a duplicate, ignored
+            variants.setdefault(e.event_id, {})[e] = None
     definite: dict[WindowKey, list[Event]] = defaultdict(list)
     choices: list[Choice] = []
     conflicting = 0
     for event_id, vs in variants.items():
         payloads = tuple(vs)
+        acked = event_id in first_ack
         conflicting += len(payloads) > 1
-        if event_id in acked and len(payloads) == 1:
+        if acked and len(payloads) == 1:
             definite[key_of(payloads[0], window_seconds)].append(payloads[0])
         else:
-            choices.append(Choice(event_id, payloads, required=event_id in acked))
+            choices.append(Choice(event_id, payloads, required=acked))
     return Expectation(
         window_seconds=window_seconds,
         definite={k: tuple(v) for k, v in definite.items()},
         choices=tuple(choices),
-        acked_events=len(acked),
-        unknown_events=len(variants) - len(acked),
+        acked_events=len(first_ack),
+        unknown_events=len(variants) - len(first_ack),
         conflicting_events=conflicting,
         probe_ids=frozenset(probes),
     )

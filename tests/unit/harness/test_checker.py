@@ -529,3 +529,33 @@ def test_cache_gives_the_same_verdict_and_is_reused() -> None:
     again = check(exp, obs.aggregates, obs.diagnoses, RULES, cache=cache)
     assert first == again == check(exp, obs.aggregates, obs.diagnoses, RULES)
     assert first.valid and first.counts["choice"] == 1
+
+
+def test_a_payload_sent_after_the_ack_cannot_win() -> None:
+    first, later = ev("x", rtt=10.0), ev("x", rtt=900.0)
+    ops = [op(Outcome.OK, first, t=0.0), op(Outcome.UNKNOWN, later, t=5.0)]
+    assert run_check(ops, [first]).valid
+    v = run_check(ops, [later])  # "last write wins": a bug the contract rules out
+    assert not v.valid and "rtt_sum expected 10 observed 900" in v.summary()
+    loose = expectation(History(ops), W, realtime=False)
+    assert len(loose.choices) == 1 and len(loose.choices[0].variants) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bl=batches(now=NOW, max_batches=3, max_batch_size=10),
+    repeats=st.lists(st.integers(0, 2), min_size=3, max_size=3),
+)
+def test_definite_events_are_expected_once_however_often_acked(
+    bl: list[list[Event]], repeats: list[int]
+) -> None:
+    first: dict[str, Event] = {}
+    for b in bl:
+        for e in b:
+            first.setdefault(e.event_id, e)
+    once = tuple(first.values())
+    ops = [op(Outcome.OK, *once, t=0.0)]
+    ops += [op(Outcome.OK, *once, t=float(i + 1)) for i, n in enumerate(repeats) for _ in range(n)]
+    exp = expectation(History(ops), W)
+    assert exp.choices == ()
+    assert sorted(e.event_id for evs in exp.definite.values() for e in evs) == sorted(first)
