@@ -9,6 +9,7 @@ convergence. Run with `python -m qoe.diagnoser`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +18,7 @@ from typing import Any
 import psycopg
 from nats.aio.client import Client as NATS
 from prometheus_client import Counter, Histogram
+from psycopg.types.json import Jsonb
 
 from qoe import db, natsutil
 from qoe.config import Env, get_float, get_str
@@ -86,7 +88,7 @@ def diagnose(window: WindowSums, t: Thresholds) -> list[Diagnosis]:
         ("low_throughput", window.throughput_sum / n, t.low_throughput_kbps, False),
     )
     return [
-        Diagnosis(kind, observed, threshold)
+        Diagnosis(kind, float(observed), float(threshold))  # floats: one array type in SQL
         for kind, observed, threshold, above in checks
         if (observed > threshold if above else observed < threshold)
     ]
@@ -180,6 +182,33 @@ async def sweep_once(
     return len(windows)
 
 
+ADOPT_SQL = (
+    "SELECT thresholds FROM diagnoser_thresholds WHERE id = 1 FOR UPDATE",
+    "UPDATE window_aggregates SET diagnosed_version = 0 WHERE diagnosed_version <> 0",
+    "INSERT INTO diagnoser_thresholds (id, thresholds) VALUES (1, %(thresholds)s)"
+    " ON CONFLICT (id) DO UPDATE SET thresholds = excluded.thresholds, updated_at = now()",
+)
+
+
+async def adopt_thresholds(conn: psycopg.AsyncConnection, thresholds: Thresholds) -> bool:
+    """Record `thresholds`; if they differ from the recorded ones, queue every window for a
+    new judgement (diagnoses must match the rules in force, not the ones of a past run).
+
+    Returns True when windows were re-queued.
+    """
+    wanted = Jsonb(dataclasses.asdict(thresholds))
+    select, requeue, record = ADOPT_SQL
+    async with conn.transaction():
+        cur = await conn.execute(select)
+        row = await cur.fetchone()
+        if row is not None and row[0] == wanted.obj:
+            return False
+        if row is not None:
+            await conn.execute(requeue)
+        await conn.execute(record, {"thresholds": wanted})
+    return row is not None
+
+
 @dataclass(frozen=True)
 class DiagnoserSettings:
     database_url: str
@@ -204,6 +233,7 @@ class Diagnoser:
         self.wake = asyncio.Event()
         self.conn: psycopg.AsyncConnection | None = None
         self.db_problem: str | None = None
+        self.thresholds_adopted = False
 
     async def on_hint(self, _msg: Any) -> None:
         # Many hints before the next sweep collapse into one wake-up.
@@ -229,6 +259,10 @@ class Diagnoser:
         """Sweep until no changed window is left (a backlog drains at full speed)."""
         if self.conn is None or self.conn.closed:
             self.conn = await db.connect(self.settings.database_url)
+        if not self.thresholds_adopted:
+            if await adopt_thresholds(self.conn, self.settings.thresholds):
+                log.warning("thresholds changed since the last run: re-judging every window")
+            self.thresholds_adopted = True
         limit = self.settings.batch_limit
         while not stop.is_set():
             with SWEEP_SECONDS.time():

@@ -77,3 +77,9 @@ def test_replace_params_cover_windows_without_diagnoses() -> None:
     assert "%(d_threshold)s" in insert
     assert "%(probe_id)s" in delete
     assert "diagnosed_version = c.version" in mark
+
+
+def test_integer_thresholds_still_give_float_columns() -> None:
+    # psycopg cannot send a list mixing int and float as one array parameter.
+    [d] = diagnose(window(samples=1, rtt=20, throughput=5000), Thresholds(high_latency_ms=10))
+    assert isinstance(d.observed, float) and isinstance(d.threshold, float)
