@@ -390,6 +390,9 @@ class IngestClient:
         settled = 0
         stuck: list[tuple[Operation, str]] = []
         for op in self.unsettled(all_processes):
+            if self._clock() >= end:
+                stuck.append((op, "not resent: the deadline had passed"))
+                continue
             last = self._settle_one(op, end)
             if last.outcome is Outcome.OK:
                 settled += 1

@@ -298,3 +298,22 @@ def test_settle_stops_on_a_definite_rejection_and_ignores_other_processes() -> N
 def test_client_needs_a_url() -> None:
     with pytest.raises(ValueError, match="at least one ingest URL"):
         IngestClient([], "t", History(), "w1")
+
+
+def test_settle_does_not_start_new_batches_after_the_deadline() -> None:
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def slow_503(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        clock.t += 3.0  # each attempt takes 3 s
+        return httpx.Response(503, json={})
+
+    with client(slow_503, clock=clock, sleep=clock.sleep) as c:
+        for seed in range(3):
+            c.send(gen(seed).batch(1))
+        calls.clear()
+        with pytest.raises(SettleError, match="3 unknown operations") as info:
+            c.settle(2.0)
+    assert len(calls) == 1
+    assert "not resent" in str(info.value)
