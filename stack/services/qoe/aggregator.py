@@ -205,10 +205,11 @@ def prepare_batch(
         probe_id=[e.probe_id for e in rows],
         target=[e.target for e in rows],
         window_start=[window_start(e.ts, window_seconds, off_by_one=off_by_one) for e in rows],
-        rtt=[e.rtt_ms for e in rows],
-        jitter=[e.jitter_ms for e in rows],
-        loss=[e.loss_pct for e in rows],
-        throughput=[e.throughput_kbps for e in rows],
+        # float(): psycopg sends a list as one array and refuses to mix int and float.
+        rtt=[float(e.rtt_ms) for e in rows],
+        jitter=[float(e.jitter_ms) for e in rows],
+        loss=[float(e.loss_pct) for e in rows],
+        throughput=[float(e.throughput_kbps) for e in rows],
     )
 
 
