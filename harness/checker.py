@@ -10,6 +10,7 @@ views match or a deadline passes. Windowing and diagnosis rules follow stack/CON
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -115,7 +116,9 @@ class WindowKey:
         }
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def key_of(event: Event, window_seconds: int) -> WindowKey:
+    """The window an event counts in (memoised: every poll asks again for the same events)."""
     return WindowKey(
         event.probe_id, event.target, window_start(event.ts, window_seconds), window_seconds
     )
