@@ -17,6 +17,10 @@ jetstream {
   max_file_store: ${NATS_MAX_FILE_STORE:-2GB}
   max_memory_store: 256MB
 }
+CONF
+# Without routes this is a single node (component tests); a cluster block would keep it waiting.
+if [ -n "$routes" ]; then
+  cat >>/tmp/nats.conf <<CONF
 cluster {
   name: "${NATS_CLUSTER_NAME:-qoe}"
   listen: "0.0.0.0:6222"
@@ -24,4 +28,5 @@ cluster {
   no_advertise: true
 }
 CONF
+fi
 exec /usr/local/bin/nats-server -c /tmp/nats.conf "$@"
