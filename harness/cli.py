@@ -1,4 +1,5 @@
-"""The command-line face of the harness: `python -m harness up|down|status|run|report|build`."""
+"""The command-line face of the harness:
+`python -m harness up|down|status|run|report|build|load|benchmark`."""
 
 from __future__ import annotations
 
@@ -77,6 +78,72 @@ def cmd_build(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(ROOT / "stack" / "build.py")])
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    from harness import load
+
+    return load.command(args)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from harness import benchmark
+
+    return benchmark.command(args)
+
+
+def _stack_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--stack", choices=("compose", "external"), default="compose")
+    command.add_argument("--stack-endpoints", type=Path, help="with --stack external")
+    command.add_argument(
+        "--reuse-stack", action="store_true", help=f"use the kept stack {REUSE_PROJECT}"
+    )
+    command.add_argument("--stream-replicas", type=int, default=3, help="compose: default 3")
+    command.add_argument("--report-dir", type=Path, default=ROOT / "reports" / "out")
+
+
+def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    load = sub.add_parser(
+        "load",
+        help="run a locust load profile with SLO gates and the exactly-once check",
+        description="Exit status 1 names each breached threshold with its limit and value.",
+    )
+    load.add_argument("profile", choices=("steady", "step", "soak", "chaos"))
+    load.add_argument("--rate", type=float, default=2000, help="offered events/s (step: start)")
+    load.add_argument("--duration", type=float, help="seconds (step: per stage; soak: 600)")
+    load.add_argument("--users", type=int, default=0, help="locust users (default: from rate)")
+    load.add_argument("--batch", type=int, default=200, help="events per batch")
+    load.add_argument("--probes", type=int, default=20, help="probe cardinality")
+    load.add_argument("--targets", type=int, default=5, help="targets per probe")
+    load.add_argument("--degraded", type=float, default=0.2, help="degraded pair fraction")
+    load.add_argument("--workers", type=int, default=0, help="distributed: N locust workers")
+    load.add_argument("--step-factor", type=float, default=1.5, help="step: rate multiplier")
+    load.add_argument("--max-rate", type=float, default=50_000, help="step: last rate tried")
+    load.add_argument("--fault", default="cut-ingest-nats", help="chaos: the fault to inject")
+    load.add_argument("--fault-at", type=float, help="chaos: seconds in (default duration/3)")
+    load.add_argument("--fault-for", type=float, default=8.0, help="chaos: fault seconds")
+    load.add_argument("--slo", type=Path, help="SLO file (default scenarios/load/slo.toml)")
+    for name in (
+        "max-error-rate",
+        "max-p95-ms",
+        "max-p99-ms",
+        "min-events-per-s",
+        "max-freshness-p95-s",
+        "max-convergence-s",
+    ):
+        load.add_argument(f"--{name}", type=float, help="override the SLO file")
+    _stack_options(load)
+    bench = sub.add_parser(
+        "benchmark", help="measure the stack's capacity; JSON and HTML under reports/out/<run>/"
+    )
+    bench.add_argument("--replicas", default="1,3", help="stream replica counts to measure")
+    bench.add_argument("--start-rate", type=float, default=2000)
+    bench.add_argument("--step-factor", type=float, default=1.3)
+    bench.add_argument("--max-rate", type=float, default=40_000)
+    bench.add_argument("--stage", type=float, default=20, help="seconds per stage")
+    bench.add_argument("--batch", type=int, default=500)
+    bench.add_argument("--workers", type=int, default=0)
+    bench.add_argument("--report-dir", type=Path, default=ROOT / "reports" / "out")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -89,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run's summary (default: the latest run)")
     report.add_argument("run_dir", nargs="?", type=Path)
     sub.add_parser("build", help="build the reference stack's images")
+    _load_parser(sub)
     return top
 
 
@@ -101,5 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "report": cmd_report,
         "build": cmd_build,
+        "load": cmd_load,
+        "benchmark": cmd_benchmark,
     }
     return handlers[args.command](args)
