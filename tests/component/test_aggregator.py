@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import nats
 import psycopg
 import pytest
@@ -93,6 +94,12 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", f"qoe.{self.service}"], env=self.env, stdout=out, stderr=out
             )
+        ready = f"http://127.0.0.1:{self.env['HTTP_PORT']}/readyz"
+        wait_until(
+            lambda: httpx.get(ready, timeout=2).status_code == 200,
+            timeout_s=60,
+            what=f"qoe.{self.service} ready (log: {self.log})",
+        )
 
     def kill(self) -> None:
         assert self.process is not None
