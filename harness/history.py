@@ -100,6 +100,7 @@ class Operation:
     events: tuple[Event, ...]
     status: int | None = None  # HTTP status, None when no answer arrived
     error: str = ""
+    duplicates: int | None = None  # from a 202: events JetStream reported as duplicates
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +111,7 @@ class Operation:
             "outcome": self.outcome.value,
             "status": self.status,
             "error": self.error,
+            "duplicates": self.duplicates,
             "events": [e.to_wire() for e in self.events],
         }
 
@@ -124,6 +126,7 @@ class Operation:
             events=tuple(Event.from_wire(e) for e in d["events"]),
             status=None if d.get("status") is None else int(d["status"]),
             error=str(d.get("error", "")),
+            duplicates=None if d.get("duplicates") is None else int(d["duplicates"]),
         )
 
 

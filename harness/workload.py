@@ -271,6 +271,15 @@ def classify_error(exc: httpx.HTTPError) -> Outcome:
     return Outcome.UNKNOWN
 
 
+def _duplicates_of(resp: httpx.Response) -> int | None:
+    """The 202 body's duplicate count; None when the body is not the contract's."""
+    try:
+        value = resp.json().get("duplicates")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 class SettleError(RuntimeError):
     """Some unknown operations were never acknowledged before the settle deadline."""
 
@@ -338,6 +347,7 @@ class IngestClient:
         invoked = self._clock()
         status: int | None = None
         error = ""
+        duplicates: int | None = None
         try:
             resp = self._http.post(endpoint, content=body.encode(), headers=self.default_headers())
         except httpx.HTTPError as exc:
@@ -348,6 +358,8 @@ class IngestClient:
             outcome = classify_status(status)
             if outcome is not Outcome.OK:
                 error = f"HTTP {status}: {resp.text[:300]}"
+            else:
+                duplicates = _duplicates_of(resp)
         op = Operation(
             process=self.process,
             endpoint=endpoint,
@@ -357,6 +369,7 @@ class IngestClient:
             events=tuple(events),
             status=status,
             error=error,
+            duplicates=duplicates,
         )
         self.history.append(op)
         return op

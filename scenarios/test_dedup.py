@@ -81,7 +81,7 @@ def test_duplicates_after_the_jetstream_dedup_window(
 
 def _new_to_jetstream(op) -> bool:
     ok(op)
-    return op.response["duplicates"] == 0
+    return op.duplicates == 0
 
 
 @pytest.mark.restart
