@@ -150,6 +150,7 @@ class LocustProcesses:
             "QOE_LOAD_OUT": str(self.out_dir),
             "QOE_LOAD_RATE": str(spec.rate),
             "QOE_LOAD_USERS": str(self.users),
+            "QOE_LOAD_DURATION": str(spec.duration_s),
             "QOE_LOAD_BATCH": str(spec.batch_size),
             "QOE_LOAD_PROBES": str(spec.probes),
             "QOE_LOAD_TARGETS": str(spec.targets),
@@ -167,17 +168,11 @@ class LocustProcesses:
     def commands(self, master_port: int | None = None) -> list[list[str]]:
         """The command lines: [locust] or [master, worker, ...]."""
         base = [self.python, "-m", "locust", "-f", str(LOCUSTFILE), "--loglevel", "WARNING"]
-        spawn = max(self.users, 1) * 4  # all users within ~0.25 s
+        # Users and duration come from the locustfile's shape (QOE_LOAD_USERS, _DURATION).
         run = [
             "--headless",
             "--host",
             self.host,
-            "-u",
-            str(self.users),
-            "-r",
-            str(spawn),
-            "-t",
-            f"{max(1, round(self.spec.duration_s))}s",
             "--stop-timeout",
             str(math.ceil(self.spec.timeout_s) + 1),
             "--csv",
@@ -273,6 +268,10 @@ class LocustProcesses:
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+    def sending(self) -> bool:
+        """Whether some worker has sent its first batch (its outcome file is not empty)."""
+        return any(p.stat().st_size > 0 for p in self.out_dir.glob("outcomes-*.jsonl"))
 
     def log_tail(self, chars: int = 1500) -> str:
         tails = []
@@ -880,7 +879,10 @@ def run_load(
             duration_s=run.ended_at - run.started_at,
             at=run.started_at,
         )
-    start, end = run.started_at, run.ended_at
+    # The load's own span: locust spends a while importing before its first batch.
+    load_ops = [op for op in history.operations() if op.process != "freshness"]
+    start = min((op.invoked_at for op in load_ops), default=run.started_at)
+    end = max((op.completed_at for op in load_ops), default=run.ended_at)
     phases = {"run": stats_of(history, start, end, fresh, freshness_missing=missing)}
     if fault_info is not None:
         grace_end = fault_info["end"] + slo.recovery_grace_s
@@ -940,8 +942,14 @@ def _inject(
     for_s: float,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Wait until ``at_s`` into the run, hold the fault for ``for_s``, heal; return its window."""
-    begin = locust.started_at
+    """Wait until ``at_s`` into the load, hold the fault for ``for_s``, heal; return its window."""
+    wait_until(
+        lambda: locust.sending() or not locust.running(),
+        timeout_s=60,
+        what="the first batch of the load",
+        describe=locust.log_tail,
+    )
+    begin = time.time()
     wait_until(
         lambda: time.time() >= begin + at_s or not locust.running(),
         timeout_s=at_s + 30,

@@ -10,6 +10,8 @@ monkey-patches the standard library with gevent. Configured through environment 
     QOE_LOAD_OUT         folder for this worker's outcome file (outcomes-<worker>.jsonl)
     QOE_LOAD_RATE        offered events/s over all users and workers (0: as fast as answered)
     QOE_LOAD_USERS       total users (to split the rate between them)
+    QOE_LOAD_DURATION    seconds of load, counted from the first tick of the test (not from
+                         process start, which on a busy machine can take seconds of imports)
     QOE_LOAD_BATCH       events per batch (default 200)
     QOE_LOAD_PROBES      probe cardinality (default 20)
     QOE_LOAD_TARGETS     targets per probe (default 5)
@@ -33,7 +35,7 @@ import socket
 import time
 from datetime import UTC, datetime
 
-from locust import FastHttpUser, constant, constant_throughput, events, task
+from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
 
 from harness.workload import classify_status
 
@@ -48,6 +50,7 @@ PREFIX = _env("QOE_LOAD_PREFIX", "load")
 OUT_DIR = _env("QOE_LOAD_OUT", ".")
 RATE = float(_env("QOE_LOAD_RATE", "0"))
 USERS = max(1, int(_env("QOE_LOAD_USERS", "1")))
+DURATION = float(_env("QOE_LOAD_DURATION", "30"))
 BATCH = max(1, int(_env("QOE_LOAD_BATCH", "200")))
 PROBES = max(1, int(_env("QOE_LOAD_PROBES", "20")))
 TARGETS = max(1, int(_env("QOE_LOAD_TARGETS", "5")))
@@ -113,6 +116,17 @@ def _open_log(environment, **_kwargs) -> None:
     LOG = OutcomeLog(OUT_DIR)
 
 
+STOPPING = False
+
+
+@events.test_stopping.add_listener
+def _stopping(environment, **_kwargs) -> None:
+    # No new batch once the test stops: users woken from their wait would otherwise start one
+    # that locust then kills mid-request (an unknown outcome the run did not need).
+    global STOPPING
+    STOPPING = True
+
+
 @events.quitting.add_listener
 def _close_log(environment, **_kwargs) -> None:
     if LOG is not None:
@@ -173,6 +187,8 @@ class ProbeUser(FastHttpUser):
 
     @task
     def post_batch(self) -> None:
+        if STOPPING:
+            return
         if self.pending is not None and self.resends < RESENDS:
             body, self.resends = self.pending, self.resends + 1
         else:
@@ -195,3 +211,12 @@ class ProbeUser(FastHttpUser):
             else:
                 resp.failure(error)
                 self.pending = body if outcome == "unknown" else None
+
+
+class FixedDuration(LoadTestShape):
+    """Every user at once, for QOE_LOAD_DURATION seconds from the start of the test."""
+
+    def tick(self) -> tuple[int, float] | None:
+        if self.get_run_time() >= DURATION:
+            return None
+        return USERS, float(USERS * 4)

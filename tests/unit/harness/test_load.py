@@ -1,0 +1,224 @@
+"""harness.load without a stack: outcome files, stats, SLO files and gates, locust command lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from harness.history import Event, History, Operation, Outcome
+from harness.load import (
+    Breach,
+    FreshnessSample,
+    LoadSpec,
+    LocustProcesses,
+    Slo,
+    evaluate,
+    load_slo,
+    percentile,
+    read_locust_history,
+    read_outcomes,
+    stats_of,
+    step_rates,
+)
+
+
+def wire(event_id: str, probe: str = "L1-p0") -> dict[str, object]:
+    return Event(
+        event_id=event_id,
+        probe_id=probe,
+        target="t0.example.net",
+        ts=datetime(2026, 11, 27, 12, 0, 1, tzinfo=UTC),
+        rtt_ms=10.0,
+        jitter_ms=1.0,
+        loss_pct=0.0,
+        throughput_kbps=5000.0,
+    ).to_wire()
+
+
+def invocation(n: int, t: float, ids: list[str]) -> str:
+    body = json.dumps({"events": [wire(i) for i in ids]})
+    head = json.dumps({"i": n, "t": t, "u": "http://x/v1/events", "p": "w1.u1"})
+    return f'{head[:-1]}, "b": {body}}}'
+
+
+def completion(n: int, t: float, outcome: str, status: int | None) -> str:
+    return json.dumps({"c": n, "t": t, "o": outcome, "s": status, "x": ""})
+
+
+def test_read_outcomes_pairs_invocations_with_completions(tmp_path: Path) -> None:
+    (tmp_path / "outcomes-w1.jsonl").write_text(
+        "\n".join(
+            [
+                invocation(1, 10.0, ["a", "b"]),
+                completion(1, 10.1, "ok", 202),
+                invocation(2, 11.0, ["c"]),
+                completion(2, 11.2, "unknown", 503),
+                invocation(3, 12.0, ["d"]),  # the worker stopped before the answer
+            ]
+        )
+        + "\n"
+    )
+    (tmp_path / "outcomes-w2.jsonl").write_text(
+        invocation(1, 10.5, ["e"]) + "\n" + completion(1, 10.6, "fail", None) + "\n"
+    )
+    ops = read_outcomes(tmp_path, ended_at=20.0).operations()
+    assert [op.invoked_at for op in ops] == [10.0, 10.5, 11.0, 12.0]
+    by_first = {op.events[0].event_id: op for op in ops}
+    assert by_first["a"].outcome is Outcome.OK and by_first["a"].status == 202
+    assert [e.event_id for e in by_first["a"].events] == ["a", "b"]
+    assert by_first["c"].outcome is Outcome.UNKNOWN and by_first["c"].status == 503
+    assert by_first["d"].outcome is Outcome.UNKNOWN and by_first["d"].completed_at == 20.0
+    assert "stopped mid-request" in by_first["d"].error
+    assert by_first["e"].outcome is Outcome.FAIL
+
+
+def test_a_truncated_last_line_is_skipped_but_damage_elsewhere_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "outcomes-w1.jsonl"
+    path.write_text(
+        invocation(1, 1.0, ["a"]) + "\n" + completion(1, 1.1, "ok", 202) + "\n" + '{"i": 2, "t"'
+    )
+    assert len(read_outcomes(tmp_path)) == 1
+    path.write_text('{"i": 2, "t"\n' + invocation(1, 1.0, ["a"]) + "\n")
+    with pytest.raises(ValueError, match="outcome file is damaged"):
+        read_outcomes(tmp_path)
+
+
+def op(
+    t: float, outcome: Outcome, n: int, latency: float = 0.1, status: int | None = 202
+) -> Operation:
+    events = tuple(Event.from_wire(wire(f"{t}-{i}")) for i in range(n))
+    return Operation("w.u1", "u", t, t + latency, outcome, events, status)
+
+
+def test_stats_of_counts_a_phase_and_ignores_the_sentinels() -> None:
+    history = History(
+        [
+            op(0.0, Outcome.OK, 100, 0.010),
+            op(1.0, Outcome.OK, 100, 0.020),
+            op(2.0, Outcome.UNKNOWN, 100, 2.0, status=503),
+            op(3.0, Outcome.FAIL, 100, 0.001, status=None),  # no answer: no latency
+            op(9.0, Outcome.OK, 100, 0.030),  # outside the phase
+            Operation("freshness", "u", 1.0, 1.5, Outcome.OK, (), 202),
+        ]
+    )
+    fresh = [FreshnessSample(0.5, 0.4), FreshnessSample(1.5, 0.8), FreshnessSample(9.5, 5.0)]
+    s = stats_of(history, 0.0, 4.0, fresh)
+    assert (s.batches, s.ok, s.failed, s.unknown) == (4, 2, 1, 1)
+    assert s.events_acked == 200 and s.events_per_s == 50.0
+    assert s.error_rate == 0.5
+    assert s.latency_ms["p50"] == pytest.approx(20.0)
+    assert s.latency_ms["max"] == pytest.approx(2000.0)
+    assert s.freshness_s == {"p50": 0.4, "p95": 0.8, "max": 0.8}
+    assert s.freshness_samples == 2
+
+
+def test_percentile_is_nearest_rank() -> None:
+    xs = list(range(1, 101))
+    assert percentile(xs, 50) == 50 and percentile(xs, 95) == 95 and percentile(xs, 100) == 100
+    assert percentile([], 99) is None
+
+
+def stats(**overrides: object):
+    history = History([op(float(i) / 10, Outcome.OK, 100, 0.05) for i in range(100)])
+    base = stats_of(history, 0.0, 10.0, [FreshnessSample(1.0, 0.5)])
+    from dataclasses import replace
+
+    return replace(base, **overrides)
+
+
+def test_evaluate_names_threshold_limit_and_measured_value() -> None:
+    slo = Slo(max_error_rate=0.01, max_p99_ms=40, max_freshness_p95_s=2, max_convergence_s=5)
+    breaches = evaluate(slo, stats(), offered_rate=1000, convergence_s=7.5)
+    names = {b.threshold for b in breaches}
+    assert names == {"max_p99_ms", "max_convergence_s"}
+    p99 = next(b for b in breaches if b.threshold == "max_p99_ms")
+    assert p99.limit == 40 and p99.measured == pytest.approx(50.0)
+    message = p99.message()
+    assert "max_p99_ms" in message and "50 ms" in message and "limit <= 40 ms" in message
+
+
+def test_evaluate_rate_fraction_missing_freshness_and_missing_convergence() -> None:
+    slo = Slo(min_rate_fraction=0.9, max_freshness_p95_s=2.0, max_convergence_s=30)
+    breaches = evaluate(slo, stats(freshness_missing=1), offered_rate=2000, convergence_s=None)
+    by_name = {b.threshold: b for b in breaches}
+    assert (
+        by_name["min_events_per_s"].limit == 1800 and by_name["min_events_per_s"].measured == 1000
+    )
+    assert "limit >= 1800" in by_name["min_events_per_s"].message()
+    assert math.isinf(by_name["max_freshness_p95_s"].measured)
+    assert by_name["max_convergence_s"].measured is None
+    assert "nothing measured" in by_name["max_convergence_s"].message()
+    assert evaluate(Slo(), stats(), offered_rate=0) == []  # closed loop: no rate to hold
+
+
+def test_breach_message_says_the_phase() -> None:
+    b = Breach("max_error_rate", 0.01, 0.2, phase="after recovery")
+    assert (
+        b.message() == "SLO breached (after recovery): max_error_rate measured 0.2, limit <= 0.01"
+    )
+
+
+def test_load_slo_overlays_default_profile_and_nested_profile(tmp_path: Path) -> None:
+    path = tmp_path / "slo.toml"
+    path.write_text(
+        "[default]\nmax_error_rate = 0.01\nmax_p99_ms = 500\n"
+        "[chaos]\nrecovery_grace_s = 10\n[chaos.fault]\nmax_error_rate = 1.0\n"
+    )
+    assert load_slo(path, "steady") == Slo(max_error_rate=0.01, max_p99_ms=500)
+    assert load_slo(path, "chaos").recovery_grace_s == 10
+    fault = load_slo(path, "chaos.fault")
+    assert (fault.max_error_rate, fault.max_p99_ms, fault.recovery_grace_s) == (1.0, 500, 10)
+    assert Slo(max_p99_ms=500).overridden(max_p99_ms=100, max_p95_ms=None).max_p99_ms == 100
+
+
+def test_load_slo_rejects_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "slo.toml"
+    path.write_text("[default]\nmax_p999_ms = 5\n")
+    with pytest.raises(ValueError, match="unknown SLO key 'max_p999_ms'"):
+        load_slo(path)
+
+
+def test_the_repository_slo_file_loads_for_every_profile() -> None:
+    for profile in ("steady", "soak", "step", "chaos", "chaos.fault"):
+        load_slo(profile=profile)
+
+
+def test_step_rates() -> None:
+    assert step_rates(1000, 2, 8000) == [1000, 2000, 4000, 8000]
+    assert step_rates(1000, 1.5, 4000) == [1000, 1500, 2200, 3400]
+    with pytest.raises(ValueError):
+        step_rates(1000, 1.0, 2000)
+
+
+def test_locust_commands_local_and_distributed(tmp_path: Path) -> None:
+    spec = LoadSpec(rate=4000, duration_s=30, batch_size=200)
+    local = LocustProcesses(spec, ["http://a", "http://b"], "secret-token", "L1", tmp_path)
+    [command] = local.commands()
+    assert "--headless" in command and "--csv-full-history" in command
+    assert local.env["QOE_LOAD_USERS"] == "5"  # 4000/200 = 20 batches/s, 4 per user
+    assert local.env["QOE_LOAD_DURATION"] == "30"
+    assert all("secret-token" not in part for part in command)  # only in the environment
+    assert local.env["QOE_LOAD_TOKEN"] == "secret-token"
+    assert local.env["QOE_LOAD_URLS"] == "http://a,http://b"
+    spread = LocustProcesses(
+        LoadSpec(rate=4000, duration_s=30, workers=3), ["http://a"], "t", "L1", tmp_path
+    )
+    master, *workers = spread.commands(master_port=5599)
+    assert "--master" in master and master[master.index("--expect-workers") + 1] == "3"
+    assert len(workers) == 3 and all("--worker" in w and "5599" in w for w in workers)
+    assert all("--headless" not in w for w in workers)
+
+
+def test_read_locust_history_keeps_the_aggregated_rows(tmp_path: Path) -> None:
+    (tmp_path / "locust_stats_history.csv").write_text(
+        "Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,95%,99%\n"
+        "100,4,POST,POST /v1/events,10,0,20,30,40\n"
+        "100,4,,Aggregated,10,0.5,20,30,N/A\n"
+    )
+    [row] = read_locust_history(tmp_path)
+    assert row["rps"] == 10 and row["fps"] == 0.5 and row["p50_ms"] == 20
+    assert math.isnan(row["p99_ms"])

@@ -1,0 +1,97 @@
+"""The locustfile in a real locust process against a fake ingest: every batch's outcome lands in
+the outcome files, classified like harness.workload, and resent unknown batches keep their ids.
+
+Locust is never imported here (it monkey-patches with gevent); it runs as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from harness.history import Outcome
+from harness.load import LoadSpec, LocustProcesses, read_outcomes, stats_of
+
+
+class FakeIngest(BaseHTTPRequestHandler):
+    """202 for most batches, 503 for every fourth, 401 without the right token."""
+
+    token = "tok-123"
+    count = 0
+    lock = threading.Lock()
+    bodies: ClassVar[list[dict[str, object]]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            type(self).count += 1
+            n = type(self).count
+            self.bodies.append(body)
+        if self.headers.get("Authorization") != f"Bearer {self.token}":
+            status = 401
+        else:
+            status = 503 if n % 4 == 0 else 202
+        payload = json.dumps({"accepted": len(body["events"]), "duplicates": 0}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_ingest() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIngest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_every_batch_is_recorded_and_classified(fake_ingest: str, tmp_path: Path) -> None:
+    spec = LoadSpec(rate=400, duration_s=2, users=2, batch_size=10, probes=3, targets=2)
+    # User 1 gets the closed port (refused: fail), user 2 the fake ingest.
+    with LocustProcesses(
+        spec, [fake_ingest, closed_port()], FakeIngest.token, "Lt1", tmp_path
+    ) as locust:
+        run = locust.wait(timeout_s=60)
+    assert run.returncodes == (0,), locust.log_tail()
+    assert run.cpu_s > 0
+    history = read_outcomes(tmp_path, run.ended_at)
+    ops = history.operations()
+    by_outcome = {o: [op for op in ops if op.outcome is o] for o in Outcome}
+    assert by_outcome[Outcome.OK] and by_outcome[Outcome.UNKNOWN] and by_outcome[Outcome.FAIL]
+    assert all(op.status == 503 for op in by_outcome[Outcome.UNKNOWN])
+    assert all(op.status is None and "Refused" in op.error for op in by_outcome[Outcome.FAIL])
+    # Every batch the fake ingest saw is in the history, with the same events.
+    seen = {tuple(e["event_id"] for e in b["events"]) for b in FakeIngest.bodies}
+    answered = {tuple(e.event_id for e in op.events) for op in ops if op.status is not None}
+    assert seen == answered
+    # A 503 batch is resent with the same ids (what a probe does), so it ends acknowledged.
+    acked = {op.events for op in by_outcome[Outcome.OK]}
+    assert any(op.events in acked for op in by_outcome[Outcome.UNKNOWN])
+    # Ids are unique per batch and carry the prefix; probes come from the configured set.
+    events = [e for op in by_outcome[Outcome.OK] for e in op.events]
+    assert len({e.event_id for e in events}) == len(events)
+    assert all(e.event_id.startswith("Lt1.") for e in events)
+    assert {e.probe_id for e in events} <= {"Lt1-p0", "Lt1-p1", "Lt1-p2"}
+    stats = stats_of(history, run.started_at, run.ended_at)
+    assert stats.batches == len(ops) and 0 < stats.error_rate < 1
