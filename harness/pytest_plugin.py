@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
 import signal
 import time
 from collections.abc import Iterator
@@ -122,7 +123,14 @@ def pytest_configure(config: pytest.Config) -> None:
     run_dir = Path(config.getoption("--report-dir")) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(run_id=run_id, seed=seed, run_dir=run_dir)
-    run.report = RunReport(run_dir=run_dir, run_id=run_id, seed=seed, stack_info={})
+    args = [a for a in config.invocation_params.args if not a.startswith("--run-seed")]
+    run.report = RunReport(
+        run_dir=run_dir,
+        run_id=run_id,
+        seed=seed,
+        stack_info={"backend": config.getoption("--stack")},
+        command=" ".join([".venv/bin/python -m pytest", *map(shlex.quote, args)]),
+    )
     config.stash[RUN_KEY] = run
     # Reports beside the summary unless the user asked for them elsewhere.
     if getattr(config.option, "htmlpath", None) is None and config.pluginmanager.hasplugin("html"):
@@ -225,6 +233,7 @@ def history(request: pytest.FixtureRequest, scenario_dir: Path) -> Iterator[Hist
 
 
 HISTORY_KEY = pytest.StashKey[History]()
+DETAILS_KEY = pytest.StashKey[dict[str, Any]]()
 VERDICT_KEY = pytest.StashKey[checker.Verdict]()
 
 
@@ -339,7 +348,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             outcome=report.outcome,
             duration_s=report.duration,
             verdict=verdict.to_dict() if verdict else None,
-            details={"longrepr": str(report.longrepr)[-4000:]} if report.failed else {},
+            details={
+                **item.stash.get(DETAILS_KEY, {}),
+                **({"longrepr": str(report.longrepr)[-4000:]} if report.failed else {}),
+            },
             logs=logs,
         )
     return report
@@ -367,3 +379,12 @@ def nemesis(stack: ComposeStack | ExternalStack, endpoints: Endpoints, run: Run)
     if not isinstance(stack, ComposeStack):
         pytest.skip("process faults need the compose backend")
     return Nemesis(stack, endpoints, run.timeline)
+
+
+@pytest.fixture
+def scenario_details(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A dict a scenario fills (faults, recovery times, what clients saw); it goes into the
+    scenario's entry in summary.json."""
+    details: dict[str, Any] = {}
+    request.node.stash[DETAILS_KEY] = details
+    return details

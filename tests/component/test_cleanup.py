@@ -1,0 +1,50 @@
+"""What a killed run leaves behind is removed by the next run, and only the harness's own resources."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import docker
+import pytest
+
+from harness.stack import PID_LABEL, RUN_LABEL, reap_orphans
+
+pytestmark = pytest.mark.component
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_resources_of_a_dead_run_are_reaped_and_others_kept():
+    client = docker.from_env()
+    dead = {RUN_LABEL: "killed-run", PID_LABEL: str(dead_pid())}
+    kept = {RUN_LABEL: "kept-stack", PID_LABEL: "0"}
+    created = []
+    try:
+        for labels in (dead, kept):
+            network = client.networks.create(f"qoe-test-{labels[RUN_LABEL]}", labels=labels)
+            volume = client.volumes.create(f"qoe-test-{labels[RUN_LABEL]}", labels=labels)
+            container = client.containers.create(
+                "debian:bookworm-slim", "true", labels=labels, network=network.name
+            )
+            created.append((labels, container, network, volume))
+        reaped = reap_orphans(client)
+        assert "killed-run" in reaped and "kept-stack" not in reaped
+        containers = {c.id for c in client.containers.list(all=True)}
+        networks = {n.id for n in client.networks.list()}
+        volumes = {v.id for v in client.volumes.list()}
+        for labels, container, network, volume in created:
+            alive = labels is kept
+            assert (container.id in containers) is alive, labels
+            assert (network.id in networks) is alive, labels
+            assert (volume.id in volumes) is alive, labels
+    finally:
+        for _, container, network, volume in created:
+            for remove in (lambda c=container: c.remove(force=True), network.remove, volume.remove):
+                with contextlib.suppress(docker.errors.NotFound):
+                    remove()
