@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Iterator
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
-from harness.history import Operation
+import httpx
+
+from harness.checker import Verdict
+from harness.history import History, Mark, Operation
+from harness.nemesis import Fault
 from harness.polling import wait_until
+from harness.stack import Endpoints
 from harness.workload import EventGenerator, IngestClient
 
 
@@ -32,9 +41,181 @@ def background_sender(
         thread.join(timeout=30)
 
 
+class Workload:
+    """A steady sender on a thread: `sent` grows; `stop()` ends it (idempotent), so a scenario
+    can stop the workload at the moment a fault heals and time the recovery from there."""
+
+    def __init__(self, client: IngestClient, generator: EventGenerator, batch_size: int) -> None:
+        self.sent: list[Operation] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, args=(client, generator, batch_size), name="workload", daemon=True
+        )
+
+    def _loop(self, client: IngestClient, generator: EventGenerator, batch_size: int) -> None:
+        while not self._stop.is_set():
+            self.sent.append(client.send(generator.batch(batch_size)))
+
+    def progress(self, more: int = 3, timeout_s: float = 30.0) -> float:
+        return wait_for_progress(self.sent, more=more, timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+@contextmanager
+def workload(
+    client: IngestClient, generator: EventGenerator, batch_size: int = 100
+) -> Iterator[Workload]:
+    """A Workload for the body; stopped at the end of the body at the latest."""
+    running = Workload(client, generator, batch_size)
+    running._thread.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 def wait_for_progress(sent: list[Operation], more: int = 3, timeout_s: float = 30.0) -> float:
     """Wait until the background sender has completed `more` operations; returns seconds waited."""
     before = len(sent)
     return wait_until(
         lambda: len(sent) >= before + more, timeout_s=timeout_s, what=f"{more} more batches sent"
     )[1]
+
+
+# -- observing the stack during faults (added for the nemesis scenarios) ---------------------
+
+
+def readiness(endpoints: Endpoints, service: str) -> int | None:
+    """The HTTP status of a service's /readyz (None when it does not answer)."""
+    try:
+        return httpx.get(f"{endpoints.services[service]}/readyz", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def all_unready(endpoints: Endpoints, *services: str) -> bool:
+    return all(readiness(endpoints, s) not in (200, None) for s in services)
+
+
+def all_ready(endpoints: Endpoints, *services: str) -> bool:
+    return all(readiness(endpoints, s) == 200 for s in services)
+
+
+def metric(endpoints: Endpoints, service: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples (matching `labels`) from a service's /metrics."""
+    text = httpx.get(f"{endpoints.services[service]}/metrics", timeout=3).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample, _, label_text = head.partition("{")
+        if sample != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def consumer_state(endpoints: Endpoints, consumer: str = "aggregator") -> dict[str, int]:
+    """The events stream and its durable consumer as the consumer's raft leader reports them
+    (NATS monitoring /jsz): messages, last_seq, num_pending, num_ack_pending, num_redelivered,
+    ack_floor, delivered. Raises when no node answers."""
+
+    def read(url: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        body = httpx.get(f"{url}/jsz?consumers=true", timeout=2).json()
+        for account in body.get("account_details", []):
+            for stream in account.get("stream_detail", []):
+                if stream["name"] != "QOE_EVENTS":
+                    continue
+                for c in stream.get("consumer_detail", []):
+                    if c["name"] == consumer:
+                        return stream, c
+        return None
+
+    errors: list[str] = []
+    for node, url in endpoints.nats_monitors.items():
+        try:
+            found = read(url)
+            if found is None:
+                continue
+            leader = (found[1].get("cluster") or {}).get("leader")
+            if leader and leader != node and leader in endpoints.nats_monitors:
+                found = read(endpoints.nats_monitors[leader]) or found
+            stream, c = found
+            return {
+                "messages": stream["state"]["messages"],
+                "last_seq": stream["state"]["last_seq"],
+                "num_pending": c["num_pending"],
+                "num_ack_pending": c["num_ack_pending"],
+                "num_redelivered": c["num_redelivered"],
+                "ack_floor": c["ack_floor"]["stream_seq"],
+                "delivered": c["delivered"]["stream_seq"],
+            }
+        except (httpx.HTTPError, KeyError, ValueError) as error:
+            errors.append(f"{node}: {error!r}")
+    raise AssertionError(f"no NATS node reported consumer {consumer!r}: {errors or 'not found'}")
+
+
+def client_view(history: History, start: float, end: float) -> dict[str, Any]:
+    """What the harness's clients saw between two instants: outcomes, statuses, slowest answer."""
+    ops = [op for op in history.operations() if start <= op.completed_at <= end]
+    outcomes = Counter(op.outcome.value for op in ops)
+    statuses = Counter(str(op.status) if op.status is not None else "no answer" for op in ops)
+    return {
+        "operations": len(ops),
+        "outcomes": dict(outcomes),
+        "statuses": dict(statuses),
+        "slowest_s": round(max((op.completed_at - op.invoked_at for op in ops), default=0.0), 3),
+        "errors": sorted({op.error[:120] for op in ops if op.error})[:5],
+    }
+
+
+def verify_recovery(
+    verifier: Any,
+    history: History,
+    probe_ids: list[str],
+    faults: Sequence[Fault],
+    details: dict[str, Any],
+    timeout_s: float = 60.0,
+) -> Verdict:
+    """The exactly-once verdict after the faults healed, and the recovery time: from the start
+    of the last heal to the first poll where the database matched the oracle. Both go into
+    the scenario's details and the timeline."""
+    verdict = verifier.verify(history, probe_ids, timeout_s=timeout_s)
+    healed_at = max((f.healed_at for f in faults if f.healed_at is not None), default=None)
+    matched_at = (history.last_ok_at() or time.time()) + (verdict.convergence_s or 0.0)
+    recovery_s = None if healed_at is None else max(0.0, matched_at - healed_at)
+    details.setdefault("faults", []).extend(f.to_dict() for f in faults)
+    details["recovery_s"] = None if recovery_s is None else round(recovery_s, 3)
+    details["convergence_s"] = verdict.convergence_s
+    details["counts"] = dict(verdict.counts)
+    if healed_at is not None:
+        verifier.run.timeline.append(
+            Mark(healed_at, "nemesis", "recovered", verifier.node.name, duration_s=recovery_s)
+        )
+    return verdict
+
+
+def writing_transactions(db: Any, application: str = "aggregator", older_than_s: float = 0) -> int:
+    """Open transactions of `application` that have written (hold row locks), at least
+    `older_than_s` old, on the database the harness reads (pg_stat_activity)."""
+    return db.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        "AND backend_xid IS NOT NULL AND now() - xact_start >= make_interval(secs => %s)",
+        (application, older_than_s),
+    ).fetchone()[0]
+
+
+def sessions(db: Any) -> list[str]:
+    """The platform's database sessions: application/state/wait event, transaction age."""
+    rows = db.execute(
+        "SELECT application_name, state, coalesce(wait_event, '-'), backend_xid IS NOT NULL, "
+        "round(extract(epoch FROM now() - xact_start)::numeric, 1) FROM pg_stat_activity "
+        "WHERE datname = 'qoe' AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    ).fetchall()
+    return [f"{a}/{s}/{w}{' writing' if x else ''} xact {age}s" for a, s, w, x, age in rows]

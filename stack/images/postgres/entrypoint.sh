@@ -58,4 +58,11 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     *) echo "PG_ROLE must be primary or replica, got '$ROLE'" >&2; exit 2 ;;
   esac
 fi
+# SYNC_REPLICATION applies on every start of a node that starts as a primary (not only at
+# initdb), so a stack reconfigured between runs really switches modes. A node that starts as a
+# standby gets nothing here: if it is promoted, whoever promoted it sets the mode (ALTER SYSTEM).
+if [ ! -f "$PGDATA/standby.signal" ]; then
+  if [ "${SYNC_REPLICATION:-on}" = on ]; then names=replica; else names=; fi
+  exec postgres -D "$PGDATA" -c "synchronous_standby_names=$names"
+fi
 exec postgres -D "$PGDATA"

@@ -1,0 +1,308 @@
+"""Partitions: cut links through Toxiproxy (and one hard partition through Docker networks)
+under a steady workload. Each scenario first proves the cut is effective (clients see errors,
+readiness goes red, or nothing is acknowledged), then heals and requires the exactly-once
+verdict, and reports the recovery time (heal -> the database matches the oracle)."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack
+
+import httpx
+import pytest
+
+from harness.history import Operation, Outcome
+from harness.polling import DeadlineExceeded, wait_until
+from harness.workload import EventGenerator, IngestClient, classify_error, classify_status
+from scenarios.common import (
+    all_ready,
+    all_unready,
+    client_view,
+    consumer_state,
+    readiness,
+    sessions,
+    verify_recovery,
+    workload,
+    writing_transactions,
+)
+
+pytestmark = pytest.mark.partition
+
+INGEST = ("ingest-1", "ingest-2")
+AGGREGATORS = ("aggregator-1", "aggregator-2")
+PUBLISH_TIMEOUT_S = 2.0  # the reference stack's PUBLISH_TIMEOUT_SECONDS
+
+
+def send_observed(client: IngestClient, events, url: str | None = None):
+    """POST a batch, record it in the history like IngestClient.send, and return the
+    operation with the response headers and how long the answer took."""
+    endpoint = client._endpoint(url) if url else client.next_url()
+    body = json.dumps({"events": [e.to_wire() for e in events]})
+    invoked, began = time.time(), time.monotonic()
+    headers: dict[str, str] = {}
+    status, error = None, ""
+    try:
+        resp = httpx.post(endpoint, content=body, headers=client.default_headers(), timeout=10)
+        status, headers = resp.status_code, dict(resp.headers)
+        outcome = classify_status(status)
+        error = "" if outcome is Outcome.OK else f"HTTP {status}: {resp.text[:200]}"
+    except httpx.HTTPError as exc:
+        outcome, error = classify_error(exc), f"{type(exc).__name__}: {exc}"
+    took = time.monotonic() - began
+    op = Operation(
+        client.process, endpoint, invoked, time.time(), outcome, tuple(events), status, error
+    )
+    client.history.append(op)
+    return op, headers, took
+
+
+def ingest_counts(history, start: float) -> int:
+    return sum(1 for op in history.operations() if op.invoked_at >= start)
+
+
+def processed_events(db) -> int:
+    return db.execute("SELECT count(*) FROM processed_events").fetchone()[0]
+
+
+def test_ingest_nats_partition(
+    client, generator: EventGenerator, endpoints, nemesis, verifier, history, scenario_details
+):
+    """Ingest cut off from every NATS node: 503 + Retry-After within the publish timeout (no
+    hang, no 500), /readyz red; the client retries after healing; nothing lost or doubled."""
+    with workload(client, generator) as load:
+        load.progress()
+        with nemesis.cut("ingest-nats", effect=lambda: all_unready(endpoints, *INGEST)) as cut:
+            for url in endpoints.ingest_urls:
+                op, headers, took = send_observed(client, generator.batch(50), url)
+                assert op.status == 503, f"expected 503 while NATS is cut off, got {op.error}"
+                assert "retry-after" in {h.lower() for h in headers}, headers
+                assert took <= PUBLISH_TIMEOUT_S + 1.5, f"503 took {took:.2f}s (hung?)"
+            effective = cut.started_at + (cut.effect_s or 0)
+            load.progress(more=5)
+            load.stop()
+            seen = [op for op in load.sent if op.invoked_at > effective]
+            assert seen and all(op.status == 503 for op in seen), [op.error for op in seen]
+            scenario_details["during_fault"] = client_view(history, effective, time.time())
+    _, ready_s = wait_until(
+        lambda: all_ready(endpoints, *INGEST), timeout_s=30, what="ingest ready again"
+    )
+    scenario_details["ready_again_s"] = round(ready_s, 3)
+    client.settle(deadline_s=60)
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+
+
+def test_aggregator_postgres_partition(
+    client, generator, endpoints, nemesis, verifier, history, db, scenario_details
+):
+    """The aggregators cut off from PostgreSQL: nothing is acknowledged to JetStream and
+    nothing recorded while the database is unreachable; exact after healing."""
+    with workload(client, generator) as load:
+        load.progress()
+        with nemesis.cut(
+            "aggregator-postgres", effect=lambda: all_unready(endpoints, *AGGREGATORS)
+        ) as cut:
+            before, stored = consumer_state(endpoints), processed_events(db)
+            wait_until(
+                lambda: consumer_state(endpoints)["last_seq"] >= before["last_seq"] + 500,
+                timeout_s=30,
+                what="500 more events in the stream while the database is cut off",
+            )
+            load.stop()
+            after = consumer_state(endpoints)
+            assert after["ack_floor"] == before["ack_floor"], (before, after)
+            assert processed_events(db) == stored, "events were recorded through a cut link"
+            scenario_details["during_fault"] = {
+                "consumer_before": before,
+                "consumer_after": after,
+                **client_view(history, cut.started_at, time.time()),
+            }
+    assert all(op.outcome is Outcome.OK for op in load.sent), "ingest should not notice the cut"
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+
+
+def test_aggregator_postgres_heavy_latency(
+    client, generator, endpoints, nemesis, verifier, history, scenario_details
+):
+    """800 ± 400 ms each way between the aggregators and PostgreSQL: slow, never wrong."""
+    with workload(client, generator) as load:
+        load.progress()
+        start = consumer_state(endpoints)
+        with nemesis.latency("aggregator-postgres", 800, 400, stream="both") as slow:
+            wait_until(
+                lambda: consumer_state(endpoints)["ack_floor"] > start["last_seq"],
+                timeout_s=60,
+                what="the aggregators committing through the slow link",
+            )
+            load.stop()
+            scenario_details["during_fault"] = {
+                "consumer": consumer_state(endpoints),
+                **client_view(history, slow.started_at, time.time()),
+            }
+    verify_recovery(verifier, history, list(generator.probes), [slow], scenario_details)
+
+
+def test_aggregator_nats_partition(
+    client, generator, endpoints, nemesis, verifier, history, db, scenario_details
+):
+    """The aggregators cut off from every NATS node: ingest keeps accepting, the backlog grows,
+    nothing is recorded; after healing the backlog drains exactly once."""
+    with workload(client, generator) as load:
+        load.progress()
+        with nemesis.cut(
+            "aggregator-nats", effect=lambda: all_unready(endpoints, *AGGREGATORS)
+        ) as cut:
+            before, stored = consumer_state(endpoints), processed_events(db)
+            wait_until(
+                lambda: consumer_state(endpoints)["num_pending"] >= before["num_pending"] + 500,
+                timeout_s=30,
+                what="a backlog of 500 events while the aggregators are cut off",
+            )
+            load.stop()
+            assert processed_events(db) == stored, "events were recorded through a cut link"
+            scenario_details["during_fault"] = {
+                "consumer_before": before,
+                "consumer_after": consumer_state(endpoints),
+                **client_view(history, cut.started_at, time.time()),
+            }
+    assert all(op.outcome is Outcome.OK for op in load.sent), "ingest should not notice the cut"
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+
+
+def test_diagnoser_nats_partition(
+    client, generator, endpoints, nemesis, verifier, history, scenario_details
+):
+    """The diagnoser cut off from NATS: no hints, readiness red, but its timer sweeps keep the
+    diagnoses right (checked during the cut and after healing)."""
+    with nemesis.cut("diagnoser-nats", effect=lambda: all_unready(endpoints, "diagnoser")) as cut:
+        with workload(client, generator) as load:
+            load.progress(more=5)
+        during = verifier.verify(history, list(generator.probes), timeout_s=60)
+        scenario_details["converged_during_cut_s"] = during.convergence_s
+        with workload(client, generator) as load2:
+            load2.progress(more=3)
+    assert all(op.outcome is Outcome.OK for op in load.sent + load2.sent)
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+
+
+def test_whole_nats_tier_partition(
+    client, generator, endpoints, nemesis, verifier, history, scenario_details
+):
+    """Every proxy into the NATS tier cut: ingest answers 503, the aggregators and diagnoser
+    go unready; everything recovers on its own."""
+    everyone = (*INGEST, *AGGREGATORS, "diagnoser")
+    with workload(client, generator) as load:
+        load.progress()
+        with nemesis.partition("nats", effect=lambda: all_unready(endpoints, *everyone)) as cut:
+            effective = cut.started_at + (cut.effect_s or 0)
+            load.progress(more=5)
+            load.stop()
+            late = [op for op in load.sent if op.invoked_at > effective]
+            assert late and all(op.status == 503 for op in late), [op.error for op in late]
+            scenario_details["during_fault"] = client_view(history, effective, time.time())
+    _, ready_s = wait_until(
+        lambda: all_ready(endpoints, *everyone), timeout_s=60, what="every NATS client ready"
+    )
+    scenario_details["ready_again_s"] = round(ready_s, 3)
+    client.settle(deadline_s=60)
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+
+
+@pytest.mark.parametrize(
+    "toxic",
+    [
+        pytest.param(("limit_data", "downstream", {"bytes": 64}), id="response-cut-off"),
+        pytest.param(("timeout", "downstream", {"timeout": 500}), id="response-timeout"),
+        pytest.param(("reset_peer", "upstream", {"timeout": 50}), id="reset-mid-request"),
+    ],
+)
+def test_client_ingest_resets_and_timeouts(
+    toxic, client, generator, endpoints, nemesis, verifier, history, scenario_details
+):
+    """The client's link to ingest resets or times out mid-request: outcomes are unknown (the
+    batch may be stored), the client resends the same ids, each event is counted once."""
+    kind, stream, attributes = toxic
+    with workload(client, generator) as load:
+        load.progress()
+        with nemesis.toxic("harness-ingest", kind, stream, **attributes) as fault:
+            first = len(load.sent)
+            wait_until(
+                lambda: sum(op.outcome is Outcome.UNKNOWN for op in load.sent[first:]) >= 3,
+                timeout_s=30,
+                what=f"3 unknown outcomes under {kind}",
+            )
+            load.stop()
+            scenario_details["during_fault"] = client_view(history, fault.started_at, time.time())
+    unknown = [op for op in load.sent if op.outcome is Outcome.UNKNOWN]
+    duplicates_before = _ingest_metric(endpoints, "duplicate")
+    scenario_details["unknown_batches"] = len(unknown)
+    scenario_details["settled_batches"] = client.settle(deadline_s=60)
+    # Events JetStream already had when the client resent them: stored despite the error.
+    scenario_details["stored_despite_error"] = (
+        _ingest_metric(endpoints, "duplicate") - duplicates_before
+    )
+    verify_recovery(verifier, history, list(generator.probes), [fault], scenario_details)
+
+
+def _ingest_metric(endpoints, outcome: str) -> float:
+    from scenarios.common import metric
+
+    return sum(metric(endpoints, s, "qoe_ingest_events_total", outcome=outcome) for s in INGEST)
+
+
+def test_hard_partition_of_an_aggregator_mid_transaction(
+    client, generator, endpoints, nemesis, verifier, history, db, scenario_details
+):
+    """aggregator-1 taken off its Docker network (no proxy involved) while both aggregators are
+    inside their batch transactions, for longer than the ack wait. aggregator-2 must carry on
+    (what aggregator-1 held is redelivered to it); when aggregator-1 comes back everything is
+    counted once."""
+    ack_wait_s = nemesis.stack.settings.ack_wait_s
+    with workload(client, generator) as load, ExitStack() as faults:
+        load.progress()
+        # Slow answers from the database keep each batch transaction open for seconds.
+        with nemesis.latency("aggregator-postgres", 1000, stream="downstream"):
+            wait_until(
+                lambda: writing_transactions(db) >= 2,
+                timeout_s=30,
+                what="both aggregators inside a batch transaction",
+            )
+            cut = faults.enter_context(
+                nemesis.disconnected(
+                    "aggregator-1", effect=lambda: readiness(endpoints, "aggregator-1") is None
+                )
+            )
+        floor = consumer_state(endpoints)["ack_floor"]
+        scenario_details["aggregator_1_mid_transaction"] = (
+            writing_transactions(db, older_than_s=3) >= 1
+        )
+        stalled: DeadlineExceeded | None = None
+        try:
+            _, took = wait_until(
+                lambda: consumer_state(endpoints)["ack_floor"] > floor,
+                timeout_s=ack_wait_s + 15,
+                what="aggregator-2 acknowledging anything while aggregator-1 is partitioned "
+                f"(ack wait {ack_wait_s} s)",
+                describe=lambda: (
+                    f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
+                ),
+            )
+            scenario_details["carried_on_after_s"] = round(took, 3)
+        except DeadlineExceeded as error:
+            stalled = error  # reported after the recovery is measured
+        finally:
+            load.stop()
+            scenario_details["during_fault"] = {
+                "consumer": consumer_state(endpoints),
+                "database_sessions": sessions(db),
+                **client_view(history, cut.started_at, time.time()),
+            }
+    _, back_s = wait_until(
+        lambda: all_ready(endpoints, "aggregator-1"), timeout_s=60, what="aggregator-1 ready"
+    )
+    scenario_details["ready_again_s"] = round(back_s, 3)
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+    assert stalled is None, (
+        f"the pipeline stalled while one aggregator was partitioned: {stalled}. Exactly-once "
+        f"held after healing (recovery {scenario_details['recovery_s']} s)."
+    )
