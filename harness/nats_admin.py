@@ -53,6 +53,22 @@ class JetStreamAdmin:
 
         return self._call(publish)
 
+    def last_sequence(self) -> int:
+        """The stream sequence of the newest stored message."""
+
+        async def info(js: Any) -> int:
+            return int((await js.stream_info(self.stream)).state.last_seq)
+
+        return self._call(info)
+
+    def ack_floor(self, consumer: str = CONSUMER) -> int:
+        """The stream sequence up to which the consumer has acknowledged every message."""
+
+        async def info(js: Any) -> int:
+            return int((await js.consumer_info(self.stream, consumer)).ack_floor.stream_seq)
+
+        return self._call(info)
+
     def consumer_pending(self, consumer: str = CONSUMER) -> tuple[int, int]:
         """(messages not yet delivered, delivered but not yet acknowledged)."""
 

@@ -47,6 +47,7 @@ HTTP_SERVICES = (
 )
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
 POSTGRES_NODES = ("postgres-primary", "postgres-replica")
+SEEDED_BUG_SERVICES = ("INGEST", "AGGREGATOR", "DIAGNOSER", "PROBE")
 
 
 class StackError(RuntimeError):
@@ -106,7 +107,7 @@ class StackSettings:
 
     def environment(self) -> dict[str, str]:
         return {
-            "QOE_SEEDED_BUGS": ",".join(self.seeded_bugs),
+            **self._bugs_by_service(),
             "SYNC_REPLICATION": "on" if self.sync_replication else "off",
             "STREAM_REPLICAS": str(self.stream_replicas),
             "DEDUP_WINDOW_SECONDS": str(self.dedup_window_s),
@@ -114,6 +115,19 @@ class StackSettings:
             "ACK_WAIT_SECONDS": str(self.ack_wait_s),
             "PROBE_RATE": str(self.probe_rate),
         }
+
+    def _bugs_by_service(self) -> dict[str, str]:
+        """Each service gets only its own seeded bugs, so switching one on recreates only it."""
+        owners = {"window_off_by_one": "AGGREGATOR"}
+        by_service: dict[str, list[str]] = {s: [] for s in SEEDED_BUG_SERVICES}
+        for bug in self.seeded_bugs:
+            owner = owners.get(bug, bug.split("_", 1)[0].upper())
+            if owner not in by_service:
+                raise ValueError(
+                    f"seeded bug {bug!r} belongs to no service of {SEEDED_BUG_SERVICES}"
+                )
+            by_service[owner].append(bug)
+        return {f"{s}_SEEDED_BUGS": ",".join(bugs) for s, bugs in by_service.items()}
 
 
 class Stack(Protocol):

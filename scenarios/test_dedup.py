@@ -61,22 +61,29 @@ def test_same_id_with_a_different_payload(client, generator, verifier, history):
 def test_duplicates_after_the_jetstream_dedup_window(
     client, endpoints, generator, verifier, history
 ):
-    """With a 1 s JetStream window, a resend is new to JetStream; the aggregator must still drop it."""
+    resend_after_the_jetstream_dedup_window(client, endpoints, generator)
+    verifier.verify(history, list(generator.probes))
+
+
+def resend_after_the_jetstream_dedup_window(client, endpoints, generator) -> float:
+    """With a 1 s JetStream window a resend is new to JetStream: only the aggregator can drop it.
+
+    Returns how long JetStream took to forget the ids.
+    """
     admin = JetStreamAdmin(endpoints.nats_urls)
     original = admin.stream_config().duplicate_window
     admin.set_duplicate_window(1.0)
     try:
         batch = generator.batch(200)
         ok(client.send(batch))
-        wait_until(
+        return wait_until(
             lambda: _new_to_jetstream(client.send(batch)),
             timeout_s=30,
             interval_s=0.25,
             what="a resend that JetStream no longer calls a duplicate (1 s dedup window)",
-        )
+        )[1]
     finally:
         admin.set_duplicate_window(original)
-    verifier.verify(history, list(generator.probes))
 
 
 def _new_to_jetstream(op) -> bool:
