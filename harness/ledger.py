@@ -37,6 +37,11 @@ def stop_and_drain(probe_urls: dict[str, str], timeout_s: float = 60.0) -> dict[
             return statuses()
 
 
+def undelivered(status: dict[str, dict]) -> dict[str, dict]:
+    """Probes that, after draining, still hold events ingest never acknowledged (or rejected)."""
+    return {name: s for name, s in status.items() if s["pending"] or s["rejected"]}
+
+
 def read_history(probe_urls: dict[str, str]) -> History:
     """One operation per ledger line, invoked and completed now (ledgers carry no timing)."""
     history = History()

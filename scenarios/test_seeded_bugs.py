@@ -12,11 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from harness import checker
+from harness import checker, ledger
 from harness.history import History, Outcome
+from harness.metrics import metric
 from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
-from harness.stack import StackSettings
+from harness.stack import Endpoints, StackSettings
 from harness.workload import EventGenerator, IngestClient
 from scenarios.test_dedup import resend_after_the_jetstream_dedup_window
 
@@ -87,6 +88,24 @@ def test_aggregator_acking_before_commit_fails_the_database_partition_scenario(
         for service in ("aggregator-1", "aggregator-2"):
             nemesis.kill(service, await_healthy=False)
     assert_caught(verifier.observe(history, list(generator.probes), timeout_s=15), generator)
+
+
+@bug("probe_drop_after_503")
+def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
+    reconfigured_stack: Endpoints, nemesis
+):
+    probes = {n: url for n, url in reconfigured_stack.services.items() if n.startswith("probe-")}
+    with nemesis.cut("ingest-nats"):
+        # Ingest answers 503 once JetStream cannot acknowledge within its publish timeout.
+        wait_until(
+            lambda: sum(
+                metric(url, "qoe_probe_posts_total", outcome="dropped") for url in probes.values()
+            ),
+            timeout_s=60,
+            what="a probe meeting a 503 from ingest",
+        )
+    status = ledger.stop_and_drain(probes, timeout_s=20)
+    assert ledger.undelivered(status), f"the probes' ledgers show nothing lost: {status}"
 
 
 def test_meta_tests_restore_a_correct_stack(
