@@ -192,8 +192,9 @@ def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[ComposeStack | E
         the_stack.down()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def endpoints(stack: ComposeStack | ExternalStack) -> Endpoints:
+    """Read per test: a reconfiguration recreates containers, and their host ports change."""
     return stack.current_endpoints  # type: ignore[union-attr]
 
 
