@@ -9,6 +9,7 @@ Run by bin/bootstrap; `python stack/build.py --list` prints the images.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import subprocess
@@ -25,6 +26,7 @@ BUILD = STACK / ".build"
 WHEELHOUSE = BUILD / "wheelhouse"
 REQUIREMENTS = STACK / "services" / "requirements.txt"
 TAG = "dev"
+BASE_IMAGE = "debian:bookworm-slim"
 SERVICES = ("ingest", "aggregator", "diagnoser", "probe")
 
 
@@ -55,13 +57,19 @@ def _context_members(image: Image) -> list[tuple[str, Path]]:
 
 
 def content_hash(image: Image) -> str:
-    digest = hashlib.sha256()
+    """A hash of everything the image is made of, the base image included."""
+    digest = hashlib.sha256(_base_image_id().encode())
     for arcname, source in _context_members(image):
         digest.update(arcname.encode())
         digest.update(hashlib.sha256(source.read_bytes()).digest())
     for key, value in sorted(image.buildargs.items()):
         digest.update(f"{key}={value}".encode())
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _base_image_id() -> str:
+    return str(docker.from_env().images.get(BASE_IMAGE).id)
 
 
 def _context_tar(image: Image) -> io.BytesIO:
