@@ -1,0 +1,300 @@
+"""The capacity benchmark: how much the reference stack sustains on this machine.
+
+For each stream replica count it brings up a fresh compose stack, raises the offered rate in
+steps until a stage stops holding (errors, falling behind the offered rate, or end-to-end
+freshness), takes the highest stage that held as the maximum sustainable rate, then runs
+steady load at 50 % and 90 % of it for latency percentiles, freshness lag and the load
+generator's own cost, and proves the 50 % run exactly-once. Writes benchmark.json and a
+self-contained benchmark.html (inline SVG plots) under reports/out/<run-id>/.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from harness.load import LoadResult, LoadSpec, Slo, run_load, run_step, step_rates
+from harness.stack import ROOT, ComposeStack, StackSettings, new_run_id
+
+# A stage "holds" when the pipeline keeps up end to end: nearly everything acknowledged, the
+# acknowledged rate close to the offered one, and events visible within 2 s (p95).
+HOLD = Slo(
+    max_error_rate=0.01,
+    min_rate_fraction=0.95,
+    max_freshness_p95_s=2.0,
+    max_p99_ms=None,
+    max_p95_ms=None,
+    max_convergence_s=None,
+)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    docker_version = subprocess.run(
+        ["docker", "version", "--format", "{{.Server.Version}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": mem_gib,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "docker": docker_version,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def _steady(result: LoadResult) -> dict[str, Any]:
+    run = result.phases["run"]
+    return {
+        "offered": result.spec.rate,
+        "batch": result.spec.batch_size,
+        "events_per_s": run.events_per_s,
+        "error_rate": run.error_rate,
+        "latency_ms": dict(run.latency_ms),
+        "freshness_s": dict(run.freshness_s),
+        "freshness_samples": run.freshness_samples,
+        "users": result.locust.users,
+        "locust_cpu_s": result.locust.cpu_s,
+        "events_per_locust_cpu_s": result.events_per_cpu_s(),
+        "verdict": result.verdict.summary() if result.verdict else None,
+        "valid": result.verdict.valid if result.verdict else None,
+        "locust_history": result.locust_history,
+        "freshness": [asdict(s) for s in result.freshness],
+    }
+
+
+def measure(
+    replicas: int,
+    out_dir: Path,
+    *,
+    rates: Sequence[float],
+    stage_s: float,
+    steady_s: float,
+    batch: int,
+    workers: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """One stack with ``replicas`` stream replicas: step search, then 50 % and 90 % runs."""
+    stack = ComposeStack(
+        run_id=f"{new_run_id()}-r{replicas}",
+        state_dir=ROOT / ".run",
+        settings=StackSettings(stream_replicas=replicas, health_interval_s=10),
+    )
+    base = LoadSpec(
+        rate=0, duration_s=stage_s, batch_size=batch, probes=50, targets=5, workers=workers
+    )
+    with stack:
+        endpoints = stack.up()
+        log(f"R{replicas}: stack up in {stack.bring_up_s:.0f}s; step over {list(rates)}")
+        step = run_step(endpoints, base, rates, out_dir / "step", slo=HOLD, check=False)
+        stages = step.to_dict()["stages"]
+        best = max(
+            (s for s in stages if s["held"]), key=lambda s: s["run"]["events_per_s"], default=None
+        )
+        max_rate = best["run"]["events_per_s"] if best else None
+        out: dict[str, Any] = {
+            "stream_replicas": replicas,
+            "bring_up_s": stack.bring_up_s,
+            "stages": [{k: v for k, v in s.items()} for s in stages],
+            "max_sustainable_events_per_s": max_rate,
+            "max_offered_that_held": best["rate"] if best else None,
+        }
+        if not max_rate:
+            return out
+        for share in (0.5, 0.9):
+            spec = replace(base, rate=round(max_rate * share), duration_s=steady_s)
+            result = run_load(
+                endpoints,
+                spec,
+                out_dir / f"at-{round(share * 100)}pct",
+                name=f"R{replicas} at {share:.0%}",
+                slo=replace(HOLD, min_rate_fraction=0.9),
+                check=share == 0.5,
+            )
+            out[f"at_{round(share * 100)}pct"] = _steady(result)
+            log(result.summary())
+        return out
+
+
+# --- the page ---------------------------------------------------------------------------------
+
+
+def _svg(fig: Any) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def plots(results: Mapping[str, Any]) -> dict[str, str]:
+    """Inline SVG plots: step stages, latency at 50/90 %, and the 90 % run over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for key, r in results["replicas"].items():
+        xs = [s["rate"] for s in r["stages"]]
+        ys = [s["run"]["events_per_s"] for s in r["stages"]]
+        ax.plot(xs, ys, marker="o", label=f"R{key} acknowledged")
+        fresh = [s["run"]["freshness_s"].get("p95") or 0 for s in r["stages"]]
+        for x, y, f in zip(xs, ys, fresh, strict=True):
+            ax.annotate(f"{f:.1f}s", (x, y), fontsize=7, textcoords="offset points", xytext=(0, 4))
+    lim = max([s["rate"] for r in results["replicas"].values() for s in r["stages"]] or [1])
+    ax.plot([0, lim], [0, lim], ls=":", color="grey", label="offered")
+    ax.set_xlabel("offered events/s")
+    ax.set_ylabel("acknowledged events/s")
+    ax.set_title("Step search (labels: freshness p95)")
+    ax.legend(fontsize=8)
+    out["step"] = _svg(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, r in results["replicas"].items():
+        for share, axis in (("at_50pct", axes[0]), ("at_90pct", axes[1])):
+            run = r.get(share)
+            if not run or not run["locust_history"]:
+                continue
+            hist = run["locust_history"]
+            t0 = hist[0]["t"]
+            axis.plot(
+                [h["t"] - t0 for h in hist],
+                [h["rps"] * run["batch"] for h in hist],
+                label=f"R{key} events/s (locust)",
+            )
+            twin = axis.twinx()
+            twin.plot(
+                [h["t"] - t0 for h in hist],
+                [h["p95_ms"] for h in hist],
+                ls="--",
+                color="tab:red",
+                label=f"R{key} p95 ms",
+            )
+            twin.set_ylabel("p95 ms", fontsize=8)
+            axis.set_title(f"steady at {share[3:5]} % of max")
+            axis.set_xlabel("s")
+    for axis in axes:
+        axis.legend(fontsize=7)
+    out["steady"] = _svg(fig)
+    return out
+
+
+def render(results: Mapping[str, Any]) -> str:
+    rows = []
+    for key, r in results["replicas"].items():
+        for share in ("at_50pct", "at_90pct"):
+            run = r.get(share) or {}
+            lat, fr = run.get("latency_ms", {}), run.get("freshness_s", {})
+
+            def f(x: Any, fmt: str = "{:.0f}") -> str:
+                return "-" if x is None else fmt.format(x)
+
+            rows.append(
+                "<tr>"
+                + "".join(
+                    f"<td>{html.escape(str(c))}</td>"
+                    for c in (
+                        f"R{key}",
+                        f(r.get("max_sustainable_events_per_s")),
+                        share[3:5] + " %",
+                        f(run.get("events_per_s")),
+                        f(lat.get("p50")),
+                        f(lat.get("p95")),
+                        f(lat.get("p99")),
+                        f(fr.get("p50"), "{:.2f}"),
+                        f(fr.get("p95"), "{:.2f}"),
+                        f(run.get("events_per_locust_cpu_s")),
+                        run.get("verdict") or "",
+                    )
+                )
+                + "</tr>"
+            )
+    svgs = plots(results)
+    m = results["machine"]
+    head = (
+        "<tr><th>replicas</th><th>max events/s</th><th>at</th><th>events/s</th><th>p50 ms</th>"
+        "<th>p95 ms</th><th>p99 ms</th><th>fresh p50 s</th><th>fresh p95 s</th>"
+        "<th>events per locust CPU-s</th><th>exactly-once</th></tr>"
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>QoE stack benchmark</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
+table{{border-collapse:collapse}}</style></head><body>
+<h1>QoE stack capacity benchmark</h1>
+<p>{html.escape(results["started"])}: {m["cpus"]} CPUs ({html.escape(m["cpu_model"])}), {m["memory_gib"]} GiB,
+kernel {html.escape(m["kernel"])}, Docker {html.escape(m["docker"])}; load average at start
+{", ".join(f"{x:.1f}" for x in m["load_average_at_start"])}. Command: <code>{html.escape(results["command"])}</code></p>
+<table>{head}{"".join(rows)}</table>
+<h2>Step search</h2>{svgs["step"]}
+<h2>Steady runs</h2>{svgs["steady"]}
+<p>Raw data: benchmark.json; locust CSVs and outcome files beside it.</p></body></html>"""
+
+
+def command(args: Any) -> int:
+    """`python -m harness benchmark`: measure, write JSON and HTML, print the headline."""
+    import sys
+
+    run_id = new_run_id()
+    run_dir = Path(args.report_dir) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    replicas = [int(r) for r in str(args.replicas).split(",") if r.strip()]
+    rates = step_rates(args.start_rate, args.step_factor, args.max_rate)
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": "python -m harness " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "rates": rates,
+        "replicas": {},
+    }
+    for r in replicas:
+        results["replicas"][str(r)] = measure(
+            r,
+            run_dir / f"r{r}",
+            rates=rates,
+            stage_s=args.stage,
+            steady_s=max(args.stage, 30),
+            batch=args.batch,
+            workers=args.workers,
+        )
+        (run_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
+    (run_dir / "benchmark.html").write_text(render(results))
+    for r, res in results["replicas"].items():
+        half = res.get("at_50pct") or {}
+        lat = half.get("latency_ms", {})
+        print(
+            f"R{r}: max sustainable {res['max_sustainable_events_per_s'] or 0:.0f} events/s; at 50 %: "
+            f"p50/p95/p99 {lat.get('p50') or 0:.0f}/{lat.get('p95') or 0:.0f}/{lat.get('p99') or 0:.0f}"
+            f" ms, freshness p95 {(half.get('freshness_s') or {}).get('p95') or 0:.2f} s"
+        )
+    print(f"benchmark: {run_dir / 'benchmark.html'} and benchmark.json")
+    return 0

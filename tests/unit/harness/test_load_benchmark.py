@@ -1,0 +1,69 @@
+"""The benchmark page renders from its JSON alone: tables, inline SVG plots, no network."""
+
+from __future__ import annotations
+
+from harness.benchmark import machine, render
+
+
+def fake_results() -> dict[str, object]:
+    stage = {
+        "rate": 1000,
+        "held": True,
+        "breaches": [],
+        "run": {"events_per_s": 990.0, "freshness_s": {"p95": 0.8}},
+    }
+    steady = {
+        "offered": 500,
+        "batch": 200,
+        "events_per_s": 498.0,
+        "error_rate": 0.0,
+        "latency_ms": {"p50": 12.0, "p95": 30.0, "p99": 45.0},
+        "freshness_s": {"p50": 0.4, "p95": 0.9},
+        "events_per_locust_cpu_s": 40000.0,
+        "verdict": "valid: 10 windows match",
+        "locust_history": [
+            {
+                "t": 100.0,
+                "users": 2,
+                "rps": 2.5,
+                "fps": 0,
+                "p50_ms": 12,
+                "p95_ms": 30,
+                "p99_ms": 45,
+            },
+            {
+                "t": 101.0,
+                "users": 2,
+                "rps": 2.5,
+                "fps": 0,
+                "p50_ms": 11,
+                "p95_ms": 29,
+                "p99_ms": 40,
+            },
+        ],
+    }
+    return {
+        "started": "2026-11-27 22:00:00 UTC",
+        "command": "python -m harness benchmark",
+        "machine": machine(),
+        "replicas": {
+            "1": {
+                "stages": [stage, {**stage, "rate": 2000, "held": False}],
+                "max_sustainable_events_per_s": 990.0,
+                "at_50pct": steady,
+                "at_90pct": {**steady, "offered": 900},
+            }
+        },
+    }
+
+
+def test_page_has_the_figures_and_inline_plots() -> None:
+    page = render(fake_results())
+    assert "<svg" in page and "990" in page and "valid: 10 windows match" in page
+    # Nothing loads from the network (namespace URIs in the SVG are names, not fetches).
+    assert "<script" not in page and "<link" not in page and 'src="http' not in page
+
+
+def test_machine_says_what_it_ran_on() -> None:
+    m = machine()
+    assert m["cpus"] and "kernel" in m
