@@ -457,8 +457,22 @@ class Nemesis:
         ) as fault:
             yield fault
 
+    def _start(self, services: Sequence[str]) -> None:
+        """Start stopped services and re-read their host ports (Docker picks new ones)."""
+        self.stack.docker.compose.start(list(services))
+        for service in services:
+            self._refresh_ports(service)
+
     def _refresh_ports(self, service: str) -> None:
-        """Re-read a service's published ports into the endpoints (they change on reconnect)."""
+        """Re-read a service's published ports into the endpoints, in place, so every holder of
+        the session's Endpoints sees them (Docker assigns new ephemeral host ports when a
+        container starts again or is reconnected to its network)."""
+        if service in NATS_NODES and self.endpoints.nats_urls:
+            port = self._wait_port(service, 4222)
+            urls = list(self.endpoints.nats_urls)
+            urls[NATS_NODES.index(service)] = f"nats://127.0.0.1:{port}"
+            # Endpoints is frozen and shared by the session's fixtures: update it in place.
+            object.__setattr__(self.endpoints, "nats_urls", tuple(urls))
         if service in self.endpoints.services:
             port = self._wait_port(service, 8080)
             self.endpoints.services[service] = f"http://127.0.0.1:{port}"  # type: ignore[index]
@@ -503,7 +517,7 @@ class Nemesis:
             f"kill {service}",
             "SIGKILL, then start",
             inject=lambda: self._sigkill(service),
-            heal=[lambda: self.stack.docker.compose.start([service])],
+            heal=[lambda: self._start([service])],
             healed=lambda: check(service),
         ) as fault:
             pass
@@ -523,7 +537,7 @@ class Nemesis:
             "SIGKILL, down for the body",
             inject=lambda: self._sigkill(service),
             effect=lambda: self._stopped(service),
-            heal=[lambda: self.stack.docker.compose.start([service])],
+            heal=[lambda: self._start([service])],
             healed=lambda: check(service),
         ) as fault:
             yield fault
@@ -543,7 +557,7 @@ class Nemesis:
             f"graceful, {grace_s} s grace",
             inject=stop,
             effect=lambda: all(self._stopped(s) for s in services),
-            heal=[lambda: docker.compose.start(services)],
+            heal=[lambda: self._start(services)],
             healed=lambda: all(self._healthy(s) for s in services),
             heal_timeout_s=180,
         ) as fault:
@@ -557,7 +571,7 @@ class Nemesis:
             inject=lambda: self.stack.docker.container.restart(
                 self.stack.container(service), time=grace_s
             ),
-            heal=[],
+            heal=[lambda: self._refresh_ports(service)],
             healed=lambda: self._healthy(service),
         ) as fault:
             pass
@@ -739,7 +753,7 @@ class Failover:
         try:
             if not self.promoted:
                 if self.stopped:  # never promoted: the old primary simply comes back
-                    nemesis.stack.docker.compose.start([self.primary])
+                    nemesis._start([self.primary])
                     wait_until(
                         lambda: nemesis._healthy(self.primary),
                         timeout_s=120,
@@ -803,7 +817,7 @@ class Failover:
                 labels={RUN_LABEL: stack.run_id},
             ),
         )
-        stack.docker.compose.start([old])
+        nemesis._start([old])
         wait_until(lambda: nemesis._healthy(old), timeout_s=120, what=f"{old} up as standby")
         names = "'replica'" if stack.settings.sync_replication else "''"
         nemesis.psql(new, f"ALTER SYSTEM SET synchronous_standby_names = {names}")

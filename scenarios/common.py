@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import httpx
@@ -15,7 +15,7 @@ import httpx
 from harness.checker import Verdict
 from harness.history import History, Mark, Operation
 from harness.nemesis import Fault
-from harness.polling import wait_until
+from harness.polling import DeadlineExceeded, wait_until
 from harness.stack import Endpoints
 from harness.workload import EventGenerator, IngestClient
 
@@ -124,7 +124,7 @@ def metric(endpoints: Endpoints, service: str, name: str, **labels: str) -> floa
 def consumer_state(endpoints: Endpoints, consumer: str = "aggregator") -> dict[str, int]:
     """The events stream and its durable consumer as the consumer's raft leader reports them
     (NATS monitoring /jsz): messages, last_seq, num_pending, num_ack_pending, num_redelivered,
-    ack_floor, delivered. Raises when no node answers."""
+    ack_floor, delivered, redeliveries. Raises when no node answers."""
 
     def read(url: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
         body = httpx.get(f"{url}/jsz?consumers=true", timeout=2).json()
@@ -155,6 +155,10 @@ def consumer_state(endpoints: Endpoints, consumer: str = "aggregator") -> dict[s
                 "num_redelivered": c["num_redelivered"],
                 "ack_floor": c["ack_floor"]["stream_seq"],
                 "delivered": c["delivered"]["stream_seq"],
+                # Every delivery takes a consumer sequence; the stream holds only the consumer's
+                # subject, so deliveries beyond the stream sequence are redeliveries (cumulative;
+                # num_redelivered only counts those still unacknowledged).
+                "redeliveries": c["delivered"]["consumer_seq"] - c["delivered"]["stream_seq"],
             }
         except (httpx.HTTPError, KeyError, ValueError) as error:
             errors.append(f"{node}: {error!r}")
@@ -219,3 +223,47 @@ def sessions(db: Any) -> list[str]:
         "WHERE datname = 'qoe' AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
     ).fetchall()
     return [f"{a}/{s}/{w}{' writing' if x else ''} xact {age}s" for a, s, w, x, age in rows]
+
+
+@contextmanager
+def caught_mid_transaction(
+    nemesis: Any, db: Any, make_fault: Any, attempts: int = 8
+) -> Iterator[Fault]:
+    """Enter the fault `make_fault()` (a pause or hard partition of one aggregator) at a moment
+    that aggregator is inside its batch transaction, holding row locks; retried (healing the
+    fault each time) until caught. Slow database answers (a latency toxic, removed once the
+    fault is in) keep transactions open long enough to aim at."""
+    for attempt in range(1, attempts + 1):
+        with ExitStack() as stack:
+            with nemesis.latency("aggregator-postgres", 1000, stream="downstream"):
+                wait_until(
+                    lambda: writing_transactions(db) >= 1,
+                    timeout_s=30,
+                    what="an aggregator inside a batch transaction",
+                )
+                fault = stack.enter_context(make_fault())
+            try:
+                # Without the toxic a healthy transaction ends in milliseconds: an idle one
+                # that has written and is 3 s old belongs to the faulted aggregator.
+                wait_until(
+                    lambda: idle_writing_transactions(db, older_than_s=3) >= 1,
+                    timeout_s=6,
+                    what="the faulted aggregator's transaction left open",
+                )
+            except DeadlineExceeded:
+                continue  # missed it: heal (ExitStack) and aim again
+            fault.notes["caught_mid_transaction_attempt"] = attempt
+            yield fault
+            return
+    raise AssertionError(
+        f"could not fault an aggregator inside its batch transaction in {attempts} attempts"
+    )
+
+
+def idle_writing_transactions(db: Any, older_than_s: float) -> int:
+    return db.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'aggregator' "
+        "AND state = 'idle in transaction' AND backend_xid IS NOT NULL "
+        "AND now() - xact_start >= make_interval(secs => %s)",
+        (older_than_s,),
+    ).fetchone()[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -18,13 +17,12 @@ from harness.workload import EventGenerator, IngestClient, classify_error, class
 from scenarios.common import (
     all_ready,
     all_unready,
+    caught_mid_transaction,
     client_view,
     consumer_state,
-    readiness,
     sessions,
     verify_recovery,
     workload,
-    writing_transactions,
 )
 
 pytestmark = pytest.mark.partition
@@ -253,50 +251,42 @@ def _ingest_metric(endpoints, outcome: str) -> float:
 def test_hard_partition_of_an_aggregator_mid_transaction(
     client, generator, endpoints, nemesis, verifier, history, db, scenario_details
 ):
-    """aggregator-1 taken off its Docker network (no proxy involved) while both aggregators are
-    inside their batch transactions, for longer than the ack wait. aggregator-2 must carry on
-    (what aggregator-1 held is redelivered to it); when aggregator-1 comes back everything is
+    """aggregator-1 taken off its Docker network (no proxy involved) while it is inside its
+    batch transaction, for longer than the ack wait. aggregator-2 must carry on (what
+    aggregator-1 held is redelivered to it); when aggregator-1 comes back everything is
     counted once."""
     ack_wait_s = nemesis.stack.settings.ack_wait_s
-    with workload(client, generator) as load, ExitStack() as faults:
+    with workload(client, generator) as load:
         load.progress()
-        # Slow answers from the database keep each batch transaction open for seconds.
-        with nemesis.latency("aggregator-postgres", 1000, stream="downstream"):
-            wait_until(
-                lambda: writing_transactions(db) >= 2,
-                timeout_s=30,
-                what="both aggregators inside a batch transaction",
-            )
-            cut = faults.enter_context(
-                nemesis.disconnected(
-                    "aggregator-1", effect=lambda: readiness(endpoints, "aggregator-1") is None
+        with caught_mid_transaction(
+            nemesis, db, lambda: nemesis.disconnected("aggregator-1")
+        ) as cut:
+            scenario_details["caught_mid_transaction_attempt"] = cut.notes[
+                "caught_mid_transaction_attempt"
+            ]
+            before = consumer_state(endpoints)
+            stalled: DeadlineExceeded | None = None
+            try:
+                _, took = wait_until(
+                    lambda: consumer_state(endpoints)["ack_floor"] > before["ack_floor"],
+                    timeout_s=ack_wait_s + 15,
+                    what="aggregator-2 acknowledging anything while aggregator-1 is partitioned "
+                    f"(ack wait {ack_wait_s} s)",
+                    describe=lambda: (
+                        f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
+                    ),
                 )
-            )
-        floor = consumer_state(endpoints)["ack_floor"]
-        scenario_details["aggregator_1_mid_transaction"] = (
-            writing_transactions(db, older_than_s=3) >= 1
-        )
-        stalled: DeadlineExceeded | None = None
-        try:
-            _, took = wait_until(
-                lambda: consumer_state(endpoints)["ack_floor"] > floor,
-                timeout_s=ack_wait_s + 15,
-                what="aggregator-2 acknowledging anything while aggregator-1 is partitioned "
-                f"(ack wait {ack_wait_s} s)",
-                describe=lambda: (
-                    f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
-                ),
-            )
-            scenario_details["carried_on_after_s"] = round(took, 3)
-        except DeadlineExceeded as error:
-            stalled = error  # reported after the recovery is measured
-        finally:
-            load.stop()
-            scenario_details["during_fault"] = {
-                "consumer": consumer_state(endpoints),
-                "database_sessions": sessions(db),
-                **client_view(history, cut.started_at, time.time()),
-            }
+                scenario_details["carried_on_after_s"] = round(took, 3)
+            except DeadlineExceeded as error:
+                stalled = error  # reported after the recovery is measured
+            finally:
+                load.stop()
+                scenario_details["during_fault"] = {
+                    "consumer_before": before,
+                    "consumer": consumer_state(endpoints),
+                    "database_sessions": sessions(db),
+                    **client_view(history, cut.started_at, time.time()),
+                }
     _, back_s = wait_until(
         lambda: all_ready(endpoints, "aggregator-1"), timeout_s=60, what="aggregator-1 ready"
     )
