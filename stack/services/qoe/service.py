@@ -165,7 +165,8 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     setup_logging(service)
     try:
         bugs.load()
-        asyncio.run(_with_signals(main))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_with_signals(main))
     except ConfigError as exc:
         log.critical("configuration error: %s", exc)
         sys.exit(2)
@@ -174,6 +175,16 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         sys.exit(1)
     log.info("stopped cleanly")
     sys.exit(0)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (it is, with uvicorn[standard]): the services are event-loop
+    bound, and uvloop runs the same loop for about half the CPU of asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _with_signals(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
