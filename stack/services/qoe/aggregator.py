@@ -417,7 +417,10 @@ async def _keep_in_progress(msgs: list[Msg], every: float) -> None:
 
 
 async def _ack_all(msgs: list[Msg]) -> None:
-    await asyncio.gather(*(_quietly(m.ack()) for m in msgs))
+    # One after the other: an ack only buffers a publish, and a task per message (gather)
+    # cost more than the acks themselves.
+    for m in msgs:
+        await _quietly(m.ack())
 
 
 async def _quietly(awaitable: Any) -> None:
