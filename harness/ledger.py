@@ -37,6 +37,13 @@ def stop_and_drain(probe_urls: dict[str, str], timeout_s: float = 60.0) -> dict[
             return statuses()
 
 
+def start(probe_urls: dict[str, str]) -> None:
+    """Let stopped probes generate again (the stack's probes keep running between scenarios)."""
+    with httpx.Client(timeout=5.0) as http:
+        for url in probe_urls.values():
+            http.post(f"{url}/start").raise_for_status()
+
+
 def undelivered(status: dict[str, dict]) -> dict[str, dict]:
     """Probes that, after draining, still hold events ingest never acknowledged (or rejected)."""
     return {name: s for name, s in status.items() if s["pending"] or s["rejected"]}

@@ -15,4 +15,7 @@ def probe_history(endpoints: Endpoints):
     if not probes:
         pytest.skip("this stack exposes no probe endpoints (ledger, stop, status)")
     status = ledger.stop_and_drain(probes)
-    return ledger.read_history(probes), list(probes), status
+    try:
+        yield ledger.read_history(probes), list(probes), status
+    finally:
+        ledger.start(probes)

@@ -95,6 +95,7 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
     reconfigured_stack: Endpoints, nemesis
 ):
     probes = {n: url for n, url in reconfigured_stack.services.items() if n.startswith("probe-")}
+    ledger.start(probes)
     with nemesis.cut("ingest-nats"):
         # Ingest answers 503 once JetStream cannot acknowledge within its publish timeout.
         wait_until(
@@ -105,6 +106,7 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
             what="a probe meeting a 503 from ingest",
         )
     status = ledger.stop_and_drain(probes, timeout_s=20)
+    ledger.start(probes)
     assert ledger.undelivered(status), f"the probes' ledgers show nothing lost: {status}"
 
 

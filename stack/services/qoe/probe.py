@@ -186,10 +186,12 @@ class Spool:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'stopped'").fetchone()
         return bool(row and row[0] == "1")
 
-    def set_stopped(self) -> None:
+    def set_stopped(self, stopped: bool = True) -> None:
         """Persisted, so a probe restarted after /stop does not start generating again."""
         with _Transaction(self._db):
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('stopped', '1')")
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('stopped', ?)", ("1" if stopped else "0",)
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -353,12 +355,16 @@ class Probe:
         return events
 
     async def generate_forever(self, stop: asyncio.Event, tick: float = 0.05) -> None:
+        """Generate at the configured rate except while stopped (/stop until /start)."""
         started, produced = time.monotonic(), 0
-        while not stop.is_set() and not self.spool.stopped:
-            due = events_due(time.monotonic() - started, self.settings.rate, produced)
-            produced += len(self.generate(due))
+        while not stop.is_set():
+            if self.spool.stopped:
+                # The rate restarts from zero on /start rather than catching up the pause.
+                started, produced = time.monotonic(), 0
+            else:
+                due = events_due(time.monotonic() - started, self.settings.rate, produced)
+                produced += len(self.generate(due))
             await sleep_or_stop(stop, tick)
-        log.info("generation stopped", extra={"generated": produced})
 
     # delivery ---------------------------------------------------------------
 
@@ -458,6 +464,11 @@ def create_app(probe: Probe) -> Starlette:
         log.info("stop requested: no more events will be generated")
         return JSONResponse(probe.status())
 
+    async def start(_: Request) -> Response:
+        probe.spool.set_stopped(False)
+        log.info("start requested: generating again")
+        return JSONResponse(probe.status())
+
     async def status(_: Request) -> Response:
         return JSONResponse(probe.status())
 
@@ -466,6 +477,7 @@ def create_app(probe: Probe) -> Starlette:
         [
             Route("/ledger", ledger, methods=["GET"]),
             Route("/stop", stop, methods=["POST"]),
+            Route("/start", start, methods=["POST"]),
             Route("/status", status, methods=["GET"]),
         ],
     )

@@ -221,15 +221,22 @@ def test_not_ready_before_ingest_ever_answered(tmp_path: Path) -> None:
     assert "ingest" in response.json()["unreachable"]
 
 
-def test_generation_stops_after_stop(tmp_path: Path) -> None:
+def test_generation_pauses_while_stopped_and_resumes_after_start(tmp_path: Path) -> None:
     probe = probe_with(tmp_path, Ingest(), rate=1000.0)
     probe.spool.set_stopped()
 
-    async def run() -> None:
-        await asyncio.wait_for(probe.generate_forever(asyncio.Event()), timeout=2)
+    async def generate_for(seconds: float) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(probe.generate_forever(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.wait_for(task, timeout=2)
 
-    asyncio.run(run())
+    asyncio.run(generate_for(0.3))
     assert probe.spool.counts()["generated"] == 0
+    probe.spool.set_stopped(False)
+    asyncio.run(generate_for(0.3))
+    assert probe.spool.counts()["generated"] > 0
 
 
 def test_pacing_and_helpers() -> None:
