@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -300,6 +301,8 @@ class ComposeStack:
             self._remove_labelled()
             self.env_file.unlink(missing_ok=True)
             self.endpoints_file.unlink(missing_ok=True)
+            if not (self.state_dir / "bring-up-failure").exists():
+                shutil.rmtree(self.state_dir, ignore_errors=True)
         log(f"{self.name} removed in {time.monotonic() - started:.1f} s")
 
     def _remove_labelled(self) -> None:
