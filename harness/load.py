@@ -72,7 +72,7 @@ class LoadSpec:
 
     rate: float  # offered events/s over all users; 0: closed loop, as fast as answered
     duration_s: float
-    users: int = 0  # 0: enough users to offer the rate at up to 4 batches/s each
+    users: int = 0  # 0: enough users to offer the rate at up to 2 batches/s each
     batch_size: int = 200
     probes: int = 20
     targets: int = 5  # per probe
@@ -86,7 +86,8 @@ class LoadSpec:
             return self.users
         if self.rate <= 0:
             return 16
-        return max(2, min(64, math.ceil(self.rate / self.batch_size / 4)))
+        # A user waits for each answer: at 2 batches/s a user keeps pace up to ~500 ms latency.
+        return max(2, min(64, math.ceil(self.rate / self.batch_size / 2)))
 
     def probe_ids(self, prefix: str) -> list[str]:
         return [f"{prefix}-p{i}" for i in range(self.probes)]
