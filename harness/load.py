@@ -72,7 +72,7 @@ class LoadSpec:
 
     rate: float  # offered events/s over all users; 0: closed loop, as fast as answered
     duration_s: float
-    users: int = 0  # 0: enough users to offer the rate at up to 2 batches/s each
+    users: int = 0  # 0: a user per batch/s of offered rate
     batch_size: int = 200
     probes: int = 20
     targets: int = 5  # per probe
@@ -86,8 +86,8 @@ class LoadSpec:
             return self.users
         if self.rate <= 0:
             return 16
-        # A user waits for each answer: at 2 batches/s a user keeps pace up to ~500 ms latency.
-        return max(2, min(64, math.ceil(self.rate / self.batch_size / 2)))
+        # A user waits for each answer: at 1 batch/s it keeps pace up to ~1 s of latency.
+        return max(2, min(64, math.ceil(self.rate / self.batch_size)))
 
     def probe_ids(self, prefix: str) -> list[str]:
         return [f"{prefix}-p{i}" for i in range(self.probes)]

@@ -199,7 +199,7 @@ def test_locust_commands_local_and_distributed(tmp_path: Path) -> None:
     local = LocustProcesses(spec, ["http://a", "http://b"], "secret-token", "L1", tmp_path)
     [command] = local.commands()
     assert "--headless" in command and "--csv-full-history" in command
-    assert local.env["QOE_LOAD_USERS"] == "10"  # 4000/200 = 20 batches/s, 2 per user
+    assert local.env["QOE_LOAD_USERS"] == "20"  # 4000/200 = 20 batches/s, 1 per user
     assert local.env["QOE_LOAD_DURATION"] == "30"
     assert all("secret-token" not in part for part in command)  # only in the environment
     assert local.env["QOE_LOAD_TOKEN"] == "secret-token"
