@@ -152,13 +152,15 @@ class ToxiproxyAPI:
         APIConsumer.host, APIConsumer.port = address.hostname, address.port
         self.client = Toxiproxy()
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout_s: float = 10
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             raise NemesisError(
@@ -189,9 +191,22 @@ class ToxiproxyAPI:
         with suppress(NotFound):
             self.client.proxies()[proxy].destroy_toxic(name)
 
-    def set_upstream(self, name: str, upstream: str) -> dict[str, Any]:
-        """POST /proxies/{name} {"upstream": ...}; Toxiproxy closes the proxy's connections."""
-        return self._request("POST", f"/proxies/{name}", {"upstream": upstream})
+    def set_upstream(self, name: str, upstream: str, attempts: int = 3) -> dict[str, Any]:
+        """POST /proxies/{name} {"upstream": ...}; Toxiproxy restarts the proxy (its open
+        connections are closed). Toxiproxy can take long to stop a proxy whose connections
+        lead to a vanished server, so a timed-out call is checked and retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._request("POST", f"/proxies/{name}", {"upstream": upstream}, 30)
+            except (TimeoutError, urllib.error.URLError) as error:
+                if self.proxy(name).get("upstream") == upstream:
+                    return self.proxy(name)
+                if attempt == attempts:
+                    raise NemesisError(
+                        f"Toxiproxy did not move {name} to {upstream} in {attempts} attempts: "
+                        f"{error!r}"
+                    ) from error
+        raise AssertionError("unreachable")
 
 
 def _run_all(steps: Sequence[Callable[[], object]]) -> None:
@@ -386,12 +401,21 @@ class Nemesis:
         return str(self.toxiproxy.proxy(proxy)["upstream"])
 
     def move_upstream(self, proxies: Sequence[str], upstream: str) -> float:
-        """Point proxies at another upstream (permanent; failover uses it). Returns seconds."""
-        return self._instant(
-            f"move {', '.join(proxies)}",
-            f"upstream -> {upstream}",
-            lambda: [self.toxiproxy.set_upstream(p, upstream) for p in proxies],
-        )
+        """Point proxies at another upstream (permanent; failover uses it). Returns seconds.
+
+        The proxies are disabled first (clients are disconnected and no new connection dials
+        the old upstream while Toxiproxy restarts the proxy), moved, then enabled again."""
+
+        def move() -> None:
+            moving = [p for p in proxies if self.upstream(p) != upstream]
+            self.toxiproxy.set_enabled(moving, False)
+            try:
+                for proxy in moving:
+                    self.toxiproxy.set_upstream(proxy, upstream)
+            finally:
+                self.toxiproxy.set_enabled(moving, True)
+
+        return self._instant(f"move {', '.join(proxies)}", f"upstream -> {upstream}", move)
 
     @contextmanager
     def upstream_moved(self, proxies: Sequence[str], upstream: str) -> Iterator[Fault]:
@@ -611,10 +635,11 @@ class Nemesis:
 
     # -- PostgreSQL ------------------------------------------------------------------------------
 
-    def psql(self, service: str, sql: str) -> str:
+    def psql(self, service: str, sql: str, database: str = "qoe") -> str:
         """Run SQL as the superuser inside a Postgres container (no network path needed)."""
         out = self.stack.docker.container.execute(
-            self.stack.container(service), ["psql", "-X", "-q", "-At", "-U", "postgres", "-c", sql]
+            self.stack.container(service),
+            ["psql", "-X", "-q", "-At", "-U", "postgres", "-d", database, "-c", sql],
         )
         return str(out or "").strip()
 
@@ -759,8 +784,11 @@ class Failover:
                         timeout_s=120,
                         what=f"{self.primary} back",
                     )
-            elif self.rebuild_old_primary:
-                self.rebuild()
+            else:
+                # Whatever happened in between, the database proxies lead to the new primary.
+                nemesis.move_upstream(POSTGRES_PROXIES, f"{self.standby}:5432")
+                if self.rebuild_old_primary:
+                    self.rebuild()
             self.fault.heal_s = time.monotonic() - healing
         finally:
             self.fault.ended_at = time.time()

@@ -110,6 +110,31 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
     assert ledger.undelivered(status), f"the probes' ledgers show nothing lost: {status}"
 
 
+@pytest.mark.failover
+@pytest.mark.parametrize(
+    "reconfigured_stack",
+    [StackSettings(sync_replication=False)],
+    indirect=True,
+    ids=["asynchronous_replication"],
+)
+def test_asynchronous_replication_fails_the_failover_scenario(
+    reconfigured_stack, client, generator, nemesis, verifier, history, scenario_details
+):
+    """With asynchronous replication, commits acknowledged while the standby was cut off exist
+    only on the crashed primary: the failover scenario must report the lost windows."""
+    from scenarios.test_failover import run_failover
+
+    verdict = run_failover(
+        client, generator, reconfigured_stack, nemesis, verifier, history, scenario_details
+    )
+    # The events really were committed and acknowledged without the standby...
+    cut = scenario_details["during_cut"]
+    assert cut["acked_after"] > cut["acked_before"] and cut["stored_on_primary"] > 0, cut
+    # ...and the harness names the windows that lost them.
+    message = assert_caught(verdict, generator)
+    assert any(w.observed is None or w.problem for w in verdict.wrong()), message
+
+
 def test_meta_tests_restore_a_correct_stack(
     client: IngestClient, generator, verifier, history: History
 ):

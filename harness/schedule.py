@@ -1,0 +1,164 @@
+"""Fault schedules: faults composed into a sequence over a running workload (Jepsen's nemesis
+generator), and Hypothesis strategies that generate them, so a failing schedule shrinks to the
+smallest one that still fails.
+
+A schedule is data (frozen dataclasses; `describe()` for reports, `to_dict()` for JSON). Time
+in a schedule is counted in completed workload operations, not seconds: "hold this fault for
+4 operations" means the same amount of traffic through the fault on a fast or a slow machine,
+and nothing sleeps. `run_schedule` applies it through a Nemesis, healing every fault of a step
+before the next (each fault heals itself, also when the run is interrupted).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import strategies as st
+
+from harness.history import Mark
+from harness.nemesis import Fault, Nemesis
+
+FaultFactory = Callable[[Nemesis], AbstractContextManager[Any]]
+
+# Faults a generated schedule may use. Every one heals on its own and leaves the stack as it
+# found it; all of them are cheap enough for CI (seconds to inject and heal).
+CATALOGUE: dict[str, FaultFactory] = {
+    "cut ingest-nats": lambda n: n.cut("ingest-nats"),
+    "cut aggregator-nats": lambda n: n.cut("aggregator-nats"),
+    "cut diagnoser-nats": lambda n: n.cut("diagnoser-nats"),
+    "cut aggregator-postgres": lambda n: n.cut("aggregator-postgres"),
+    "cut clients-nats1": lambda n: n.cut("clients-nats1"),
+    "latency aggregator-postgres": lambda n: n.latency(
+        "aggregator-postgres", 300, 100, stream="both"
+    ),
+    "latency ingest-nats": lambda n: n.latency("ingest-nats", 500, 250),
+    "bandwidth aggregator-nats": lambda n: n.bandwidth("aggregator-nats", 32),
+    "slicer ingest-nats": lambda n: n.slicer("ingest-nats", 64, 32, 500),
+    "response cut-off harness-ingest": lambda n: n.limit_data("harness-ingest", 64),
+    "response timeout harness-ingest": lambda n: n.timeout("harness-ingest", 500),
+    "kill aggregator-1": lambda n: n.killed("aggregator-1"),
+    "kill aggregator-2": lambda n: n.killed("aggregator-2"),
+    "kill ingest-2": lambda n: n.killed("ingest-2"),
+    "kill nats-2": lambda n: n.nats_node_lost("nats-2"),
+    "pause aggregator-1": lambda n: n.paused("aggregator-1"),
+    "pause diagnoser": lambda n: n.paused("diagnoser"),
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    """Faults applied together, held for `hold` completed operations, then healed; then `gap`
+    more operations before the next step."""
+
+    faults: tuple[str, ...]
+    hold: int = 3
+    gap: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.faults:
+            raise ValueError("a step needs at least one fault")
+        if len(set(self.faults)) != len(self.faults):
+            raise ValueError(f"a step names a fault twice: {self.faults}")
+        if self.hold < 1 or self.gap < 0:
+            raise ValueError(f"hold must be >= 1 and gap >= 0, got {self.hold}, {self.gap}")
+
+    def describe(self) -> str:
+        return f"[{' + '.join(self.faults)}] for {self.hold} ops, then {self.gap} ops"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: tuple[Step, ...]
+
+    def describe(self) -> str:
+        return "; ".join(step.describe() for step in self.steps) or "(no faults)"
+
+    def faults(self) -> set[str]:
+        return {name for step in self.steps for name in step.faults}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [{"faults": list(s.faults), "hold": s.hold, "gap": s.gap} for s in self.steps]
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Schedule:
+        return cls(
+            tuple(
+                Step(tuple(s["faults"]), int(s.get("hold", 3)), int(s.get("gap", 1)))
+                for s in d["steps"]
+            )
+        )
+
+
+def check_schedule(schedule: Schedule, catalogue: Mapping[str, FaultFactory] = CATALOGUE) -> None:
+    unknown = schedule.faults() - set(catalogue)
+    if unknown:
+        raise ValueError(f"unknown faults {sorted(unknown)}; the catalogue has {sorted(catalogue)}")
+
+
+def run_schedule(
+    schedule: Schedule,
+    nemesis: Nemesis,
+    progress: Callable[[int], object],
+    catalogue: Mapping[str, FaultFactory] = CATALOGUE,
+) -> list[Fault]:
+    """Apply the schedule while a workload runs. `progress(n)` must return once the workload
+    has completed n more operations. Returns the faults, in order, with their timings."""
+    check_schedule(schedule, catalogue)
+    done: list[Fault] = []
+    for index, step in enumerate(schedule.steps, start=1):
+        started = time.time()
+        with ExitStack() as stack:
+            for name in step.faults:
+                fault = stack.enter_context(catalogue[name](nemesis))
+                if isinstance(fault, Fault):
+                    done.append(fault)
+            progress(step.hold)
+        nemesis.timeline.append(
+            Mark(
+                started,
+                "nemesis",
+                f"schedule step {index}/{len(schedule.steps)}",
+                step.describe(),
+                duration_s=time.time() - started,
+            )
+        )
+        if step.gap:
+            progress(step.gap)
+    return done
+
+
+def steps(
+    names: Sequence[str] | None = None,
+    max_faults: int = 2,
+    max_hold: int = 6,
+    max_gap: int = 3,
+) -> st.SearchStrategy[Step]:
+    """Steps over the catalogue's faults; shrinks towards one fault, short holds, no gap."""
+    pool = tuple(names if names is not None else CATALOGUE)
+    return st.builds(
+        Step,
+        faults=st.lists(st.sampled_from(pool), min_size=1, max_size=max_faults, unique=True).map(
+            tuple
+        ),
+        hold=st.integers(1, max_hold),
+        gap=st.integers(0, max_gap),
+    )
+
+
+def schedules(
+    names: Sequence[str] | None = None,
+    max_steps: int = 3,
+    max_faults: int = 2,
+    max_hold: int = 6,
+    max_gap: int = 3,
+) -> st.SearchStrategy[Schedule]:
+    """Random schedules of faults and heals; shrink towards fewer, simpler steps."""
+    return st.lists(
+        steps(names, max_faults, max_hold, max_gap), min_size=1, max_size=max_steps
+    ).map(lambda s: Schedule(tuple(s)))
