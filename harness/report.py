@@ -123,7 +123,7 @@ class RunReport:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         page = self.run_dir / "summary.html"
-        _atomic_write(page, render_html(summary))
+        _atomic_write(page, render_html(summary, self.run_dir))
         return page
 
 
@@ -288,14 +288,76 @@ def _scenario_bands(scenarios: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     return bands
 
 
-def render_html(summary: Mapping[str, Any]) -> str:
-    """The HTML page for a summary.json document."""
+def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
+    """The HTML page for a summary.json document (with the load charts found in run_dir)."""
     svg = timeline_svg(
         [*summary.get("timeline", []), *_scenario_bands(summary.get("scenarios", []))],
         summary.get("started_at"),
     )
     template = _environment().get_template(TEMPLATE_NAME)
-    return template.render(s=summary, timeline_svg=svg, t0=summary.get("started_at"))
+    loads = load_charts(run_dir) if run_dir is not None else []
+    return template.render(s=summary, timeline_svg=svg, t0=summary.get("started_at"), loads=loads)
+
+
+# --- load runs: locust's charts and the harness's freshness lag ------------------------------
+
+
+def load_charts(run_dir: Path) -> list[dict[str, str]]:
+    """One chart per load run (each load.json the harness wrote under run_dir)."""
+    charts = []
+    for path in sorted(Path(run_dir).glob("**/load.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            charts.append({"name": str(doc.get("name", path.parent.name)), "svg": load_svg(doc)})
+        except (OSError, ValueError, KeyError) as error:
+            charts.append({"name": str(path), "svg": f"<p>cannot draw {path}: {error}</p>"})
+    return charts
+
+
+def load_svg(doc: Mapping[str, Any]) -> str:
+    """Locust's requests/s and failures/s, latency percentiles and users, and the harness's
+    freshness lag, against seconds into the run; the fault window as a red band."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    hist = doc.get("locust_history") or []
+    fresh = doc.get("freshness") or []
+    starts = [h["t"] for h in hist] + [f["sent_at"] for f in fresh]
+    t0 = min(starts) if starts else 0.0
+    batch = float((doc.get("spec") or {}).get("batch_size") or 1)
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "qoe-harness"}):
+        fig = Figure(figsize=(11, 6.5), layout="constrained")
+        rate, lat, users, lag = fig.subplots(4, 1, sharex=True)
+        xs = [h["t"] - t0 for h in hist]
+        rate.plot(xs, [h["rps"] * batch for h in hist], label="events/s sent (locust)")
+        rate.plot(xs, [h["fps"] * batch for h in hist], color="#d62728", label="events/s failed")
+        for key, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
+            lat.plot(xs, [h[key] for h in hist], ls=style, label=key.replace("_ms", ""))
+        users.plot(xs, [h["users"] for h in hist], color="#7f7f7f", label="users")
+        lag.plot(
+            [f["sent_at"] - t0 for f in fresh],
+            [f["lag_s"] for f in fresh],
+            marker=".",
+            ls="none",
+            color="#9467bd",
+            label="freshness lag (event time to visible)",
+        )
+        for ax, unit in ((rate, "events/s"), (lat, "ms"), (users, "users"), (lag, "s")):
+            ax.set_ylabel(unit)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+            fault = doc.get("fault")
+            if fault:
+                ax.axvspan(fault["start"] - t0, fault["end"] - t0, color="#d62728", alpha=0.15)
+        lag.set_xlabel(
+            "seconds into the load"
+            + (f" (fault: {doc['fault']['name']})" if doc.get("fault") else "")
+        )
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
 
 
 def render(run_dir: str | os.PathLike[str]) -> Path:
@@ -309,5 +371,5 @@ def render(run_dir: str | os.PathLike[str]) -> Path:
         )
     summary = json.loads(source.read_text(encoding="utf-8"))
     page = run_dir / "summary.html"
-    _atomic_write(page, render_html(summary))
+    _atomic_write(page, render_html(summary, run_dir))
     return page

@@ -222,3 +222,31 @@ def test_read_locust_history_keeps_the_aggregated_rows(tmp_path: Path) -> None:
     [row] = read_locust_history(tmp_path)
     assert row["rps"] == 10 and row["fps"] == 0.5 and row["p50_ms"] == 20
     assert math.isnan(row["p99_ms"])
+
+
+def test_the_run_summary_draws_each_load_run_with_its_fault_band(tmp_path: Path) -> None:
+    from harness.report import RunReport
+
+    doc = {
+        "name": "chaos cut-ingest-nats",
+        "spec": {"batch_size": 100},
+        "fault": {"name": "cut-ingest-nats", "start": 105.0, "end": 110.0},
+        "locust_history": [
+            {
+                "t": 100.0 + i,
+                "users": 5,
+                "rps": 10,
+                "fps": 0,
+                "p50_ms": 20,
+                "p95_ms": 40,
+                "p99_ms": 60,
+            }
+            for i in range(20)
+        ],
+        "freshness": [{"sent_at": 100.0 + i, "lag_s": 0.5} for i in range(20)],
+    }
+    (tmp_path / "scenarios" / "x" / "load").mkdir(parents=True)
+    (tmp_path / "scenarios" / "x" / "load" / "load.json").write_text(json.dumps(doc))
+    page = RunReport(tmp_path, "run-1", seed=1).write().read_text()
+    assert "<h2>Load</h2>" in page and "chaos cut-ingest-nats" in page
+    assert page.count("<svg") >= 1 and "freshness lag" in page
