@@ -110,7 +110,7 @@ def run_failover(
             details["during_fault"] = client_view(history, cut.started_at, time.time())
             # Recovery: writes work on the new primary -> the state matches the oracle (before
             # the old primary is rebuilt; that only restores redundancy).
-            first = verifier.observe(history, list(generator.probes), timeout_s=45)
+            first = verifier.observe(history, list(generator.probes), timeout_s=30)
             matched_at = (history.last_ok_at() or time.time()) + (first.convergence_s or 0.0)
             promoted_at = failover.fault.started_at + (failover.fault.effect_s or 0.0)
             details["recovery_s"] = (

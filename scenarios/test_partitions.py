@@ -20,6 +20,7 @@ from scenarios.common import (
     caught_mid_transaction,
     client_view,
     consumer_state,
+    readiness,
     sessions,
     verify_recovery,
     workload,
@@ -248,6 +249,33 @@ def _ingest_metric(endpoints, outcome: str) -> float:
     return sum(metric(endpoints, s, "qoe_ingest_events_total", outcome=outcome) for s in INGEST)
 
 
+def test_hard_partition_of_an_ingest_replica(
+    client, generator, endpoints, nemesis, verifier, history, scenario_details
+):
+    """ingest-1 taken off the ingest network (Docker, no proxy involved): requests routed to it
+    fail, ingest-2 keeps acknowledging; reconnected under its service alias, ingest-1 serves
+    again and the resent batches count once."""
+    with workload(client, generator) as load:
+        load.progress()
+        with nemesis.disconnected(
+            "ingest-1", effect=lambda: readiness(endpoints, "ingest-1") is None
+        ) as cut:
+            first = len(load.sent)
+            load.progress(more=6)
+            load.stop()
+            during = load.sent[first:]
+            assert any(op.outcome is not Outcome.OK for op in during), "ingest-1 still reached"
+            assert any(op.outcome is Outcome.OK for op in during), "ingest-2 did not carry on"
+            scenario_details["during_fault"] = client_view(history, cut.started_at, time.time())
+    _, ready_s = wait_until(
+        lambda: all_ready(endpoints, "ingest-1"), timeout_s=60, what="ingest-1 ready again"
+    )
+    scenario_details["ready_again_s"] = round(ready_s, 3)
+    client.settle(deadline_s=60)
+    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+
+
+@pytest.mark.slow
 def test_hard_partition_of_an_aggregator_mid_transaction(
     client, generator, endpoints, nemesis, verifier, history, db, scenario_details
 ):
