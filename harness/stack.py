@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import docker
 from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException
+
+from harness.polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "stack" / "compose"
@@ -163,29 +165,60 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _orphaned(labels: Mapping[str, str]) -> bool:
+    pid = int(labels.get(PID_LABEL, "0") or 0)
+    return bool(pid) and pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_resources(
+    client: docker.DockerClient, label: str, wanted: Callable[[Mapping[str, str]], bool]
+) -> set[str]:
+    """Remove the containers, then the networks and volumes, carrying `label` whose labels are
+    `wanted`; returns the runs they belonged to.
+
+    Another process (a concurrent run reaping the same leftovers, or compose itself) may be
+    removing them too, so "already gone" and "already being removed" are not errors.
+    """
+    runs: set[str] = set()
+    for container in client.containers.list(all=True, filters={"label": label}):
+        if wanted(container.labels):
+            runs.add(container.labels.get(RUN_LABEL, "?"))
+            _quietly(lambda c=container: c.remove(force=True, v=True), container.name)
+    wait_until(
+        lambda: (
+            not any(
+                wanted(c.labels) for c in client.containers.list(all=True, filters={"label": label})
+            )
+        ),
+        timeout_s=60,
+        what=f"containers labelled {label} removed",
+    )
+    for kind in (client.networks, client.volumes):
+        for resource in kind.list(filters={"label": label}):
+            labels = resource.attrs.get("Labels") or {}
+            if wanted(labels):
+                runs.add(labels.get(RUN_LABEL, "?"))
+                _quietly(resource.remove, resource.name)
+    return runs
+
+
+def _quietly(remove: Callable[[], object], name: str) -> None:
+    try:
+        remove()
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as error:
+        if error.status_code != 409:  # 409: removal already in progress elsewhere
+            log(f"could not remove {name}: {error}")
+
+
 def reap_orphans(client: docker.DockerClient | None = None) -> list[str]:
     """Remove containers, networks and volumes of harness runs whose owning process is gone.
 
     Only resources carrying the harness's run label are touched; stacks kept on purpose
     (`--reuse-stack`, `python -m harness up`) carry pid 0 and are left alone.
     """
-    client = client or docker.from_env()
-    dead_runs: set[str] = set()
-    for container in client.containers.list(all=True, filters={"label": RUN_LABEL}):
-        pid = int(container.labels.get(PID_LABEL, "0") or 0)
-        if pid and pid != os.getpid() and not _pid_alive(pid):
-            dead_runs.add(container.labels[RUN_LABEL])
-            container.remove(force=True, v=True)
-    for kind in (client.networks, client.volumes):
-        for resource in kind.list(filters={"label": RUN_LABEL}):
-            labels = resource.attrs.get("Labels") or {}
-            pid = int(labels.get(PID_LABEL, "0") or 0)
-            if pid and pid != os.getpid() and not _pid_alive(pid):
-                dead_runs.add(labels[RUN_LABEL])
-                try:
-                    resource.remove()
-                except docker.errors.APIError as error:
-                    log(f"could not remove leftover {resource.name}: {error}")
+    dead_runs = remove_resources(client or docker.from_env(), RUN_LABEL, _orphaned)
     if dead_runs:
         log(f"removed what killed runs left behind: {', '.join(sorted(dead_runs))}")
     return sorted(dead_runs)
@@ -307,16 +340,7 @@ class ComposeStack:
 
     def _remove_labelled(self) -> None:
         """Belt and braces: anything of this run that compose did not remove (e.g. hand-made)."""
-        client = docker.from_env()
-        label = f"{RUN_LABEL}={self.run_id}"
-        for container in client.containers.list(all=True, filters={"label": label}):
-            container.remove(force=True, v=True)
-        for kind in (client.networks, client.volumes):
-            for resource in kind.list(filters={"label": label}):
-                try:
-                    resource.remove()
-                except docker.errors.APIError as error:
-                    log(f"could not remove {resource.name}: {error}")
+        remove_resources(docker.from_env(), f"{RUN_LABEL}={self.run_id}", lambda _: True)
 
     def is_running(self) -> bool:
         try:
