@@ -55,13 +55,17 @@ def test_no_dedup_keeps_every_event_in_batch_order() -> None:
     assert rows.rtt == [1, 2, 3]
 
 
-def test_params_are_parallel_arrays_plus_window_seconds() -> None:
-    params = prepare_batch([event("a"), event("b")], 60).params(60)
-    assert params["window_seconds"] == 60
-    arrays = {k: v for k, v in params.items() if k != "window_seconds"}
-    assert {len(v) for v in arrays.values()} == {2}
-    for name in arrays:
-        assert f"%({name})s" in AGGREGATE_SQL
+def test_params_are_the_rows_as_one_json_array_plus_window_seconds() -> None:
+    rows = prepare_batch([event("a", 1.25), event("b", 0.1)], 60)
+    params = rows.params(60)
+    assert set(params) == {"rows", "window_seconds"} and params["window_seconds"] == 60
+    decoded = json.loads(params["rows"])
+    assert [r[0] for r in decoded] == ["a", "b"]
+    assert [r[5] for r in decoded] == [1.25, 0.1]  # floats round-trip exactly
+    first = decoded[0]
+    assert datetime.fromisoformat(first[1]) == rows.event_ts[0]
+    assert datetime.fromisoformat(first[4]) == rows.window_start[0]
+    assert "%(rows)s::json" in AGGREGATE_SQL and "%(window_seconds)s" in AGGREGATE_SQL
 
 
 def test_sql_variants_differ_only_in_the_dedup_filter() -> None:
