@@ -45,16 +45,28 @@ class Workload:
     """A steady sender on a thread: `sent` grows; `stop()` ends it (idempotent), so a scenario
     can stop the workload at the moment a fault heals and time the recovery from there."""
 
-    def __init__(self, client: IngestClient, generator: EventGenerator, batch_size: int) -> None:
+    def __init__(
+        self,
+        client: IngestClient,
+        generator: EventGenerator,
+        batch_size: int,
+        batches_per_s: float = 5.0,
+    ) -> None:
         self.sent: list[Operation] = []
         self._stop = threading.Event()
+        self._period = 1.0 / batches_per_s
         self._thread = threading.Thread(
             target=self._loop, args=(client, generator, batch_size), name="workload", daemon=True
         )
 
     def _loop(self, client: IngestClient, generator: EventGenerator, batch_size: int) -> None:
+        # A steady pace (like a probe's rate), not as fast as possible: on a small machine an
+        # unpaced sender starves the services the faults are about.
+        next_at = time.monotonic()
         while not self._stop.is_set():
             self.sent.append(client.send(generator.batch(batch_size)))
+            next_at = max(next_at + self._period, time.monotonic() - self._period)
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def progress(self, more: int = 3, timeout_s: float = 30.0) -> float:
         return wait_for_progress(self.sent, more=more, timeout_s=timeout_s)
@@ -66,10 +78,13 @@ class Workload:
 
 @contextmanager
 def workload(
-    client: IngestClient, generator: EventGenerator, batch_size: int = 100
+    client: IngestClient,
+    generator: EventGenerator,
+    batch_size: int = 100,
+    batches_per_s: float = 5.0,
 ) -> Iterator[Workload]:
     """A Workload for the body; stopped at the end of the body at the latest."""
-    running = Workload(client, generator, batch_size)
+    running = Workload(client, generator, batch_size, batches_per_s)
     running._thread.start()
     try:
         yield running

@@ -50,9 +50,17 @@ def processed_on(nemesis, node: str) -> int:
 
 
 def run_failover(
-    client, generator, endpoints, nemesis, verifier, history, details: dict[str, Any]
+    client,
+    generator,
+    endpoints,
+    nemesis,
+    verifier,
+    history,
+    details: dict[str, Any],
+    timeout_s: float = 30.0,
 ) -> checker.Verdict:
-    """The failover scenario; returns the verdict without asserting it (details filled in)."""
+    """The failover scenario; returns the verdict without asserting it (details filled in).
+    `timeout_s`: how long the checker waits for the state to match the oracle."""
     synchronous = nemesis.stack.settings.sync_replication
     details["replication"] = "synchronous" if synchronous else "asynchronous"
     with workload(client, generator) as load:
@@ -110,7 +118,7 @@ def run_failover(
             details["during_fault"] = client_view(history, cut.started_at, time.time())
             # Recovery: writes work on the new primary -> the state matches the oracle (before
             # the old primary is rebuilt; that only restores redundancy).
-            first = verifier.observe(history, list(generator.probes), timeout_s=30)
+            first = verifier.observe(history, list(generator.probes), timeout_s=timeout_s)
             matched_at = (history.last_ok_at() or time.time()) + (first.convergence_s or 0.0)
             promoted_at = failover.fault.started_at + (failover.fault.effect_s or 0.0)
             details["recovery_s"] = (

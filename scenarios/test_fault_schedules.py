@@ -59,6 +59,7 @@ def _run_one(schedule: Schedule, n: int, *, nemesis, endpoints, verifier, run, p
     }
 
 
+@pytest.mark.slow
 def test_a_fixed_schedule(nemesis, endpoints, verifier, run, probe_prefix, scenario_details):
     """A hand-written sequence (Jepsen's timed nemesis): link faults, then process faults."""
     schedule = Schedule(

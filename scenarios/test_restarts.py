@@ -63,7 +63,7 @@ def test_ingest_restart_under_load(
     the client sees errors and unknown outcomes, resends, and nothing is lost or doubled."""
     with workload(client, generator) as load:
         load.progress()
-        restart_s = nemesis.restart("ingest-1")
+        restart_s = nemesis.restart("ingest-1", grace_s=3)
         load.progress()
         kill_s = nemesis.kill("ingest-2")
         load.progress()
