@@ -351,17 +351,35 @@ class ComposeStack:
     # -- endpoints --------------------------------------------------------------------------
 
     def host_port(self, service: str, private_port: int) -> int:
-        _, port = self.docker.compose.port(service, private_port)
-        if port is None:
-            raise StackError(f"{service} publishes no port for {private_port}; is it running?")
-        return int(port)
+        return self._published_ports().get((service, private_port)) or self._missing(
+            service, private_port
+        )
+
+    def _published_ports(self) -> dict[tuple[str, int], int]:
+        """(service, container port) -> host port for the whole project, in one docker call."""
+        ports: dict[tuple[str, int], int] = {}
+        for container in self.docker.compose.ps():
+            service = container.config.labels.get("com.docker.compose.service", container.name)
+            for private, bindings in (container.network_settings.ports or {}).items():
+                if bindings:
+                    ports[(service, int(private.split("/")[0]))] = int(bindings[0]["HostPort"])
+        return ports
+
+    @staticmethod
+    def _missing(service: str, private_port: int) -> int:
+        raise StackError(f"{service} publishes no port for {private_port}; is it running?")
 
     def _discover(self, env: Mapping[str, str]) -> Endpoints:
-        def url(scheme: str, service: str, port: int) -> str:
-            return f"{scheme}://127.0.0.1:{self.host_port(service, port)}"
+        published = self._published_ports()
+
+        def port(service: str, private: int) -> int:
+            return published.get((service, private)) or self._missing(service, private)
+
+        def url(scheme: str, service: str, private: int) -> str:
+            return f"{scheme}://127.0.0.1:{port(service, private)}"
 
         password = env["POSTGRES_PASSWORD"]
-        db_port = self.host_port("toxiproxy", 15439)
+        db_port = port("toxiproxy", 15439)
         return Endpoints(
             ingest_urls=(url("http", "toxiproxy", 18011), url("http", "toxiproxy", 18012)),
             ingest_token=env["HARNESS_TOKEN"],
@@ -371,7 +389,7 @@ class ComposeStack:
             services={name: url("http", name, 8080) for name in HTTP_SERVICES},
             nats_monitors={node: url("http", node, 8222) for node in NATS_NODES},
             postgres_nodes={
-                node: f"postgresql://qoe:{password}@127.0.0.1:{self.host_port(node, 5432)}/qoe"
+                node: f"postgresql://qoe:{password}@127.0.0.1:{port(node, 5432)}/qoe"
                 for node in POSTGRES_NODES
             },
             window_seconds=self.settings.window_s,
