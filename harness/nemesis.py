@@ -611,10 +611,19 @@ class Nemesis:
             if container.state.paused:
                 docker.container.unpause(container)
 
+        def pause() -> bool:
+            container = self.stack.container(service)
+            if not container.state.paused:
+                docker.container.pause(container)
+            return True
+
         with self.fault(
             f"pause {service}",
             "frozen",
-            inject=lambda: docker.container.pause(self.stack.container(service)),
+            # The cgroup freezer sometimes answers "unable to freeze" on a busy host: retried.
+            inject=lambda: wait_until(
+                pause, timeout_s=20, interval_s=0.5, what=f"{service} paused"
+            ),
             effect=lambda: self.stack.container(service).state.paused,
             heal=[unpause],
         ) as fault:
