@@ -126,6 +126,10 @@ def measure(
             "stages": [{k: v for k, v in s.items()} for s in stages],
             "max_sustainable_events_per_s": max_rate,
             "max_offered_that_held": best["rate"] if best else None,
+            # What ingest acknowledged at best, whether or not the pipeline kept up behind it.
+            "max_acknowledged_events_per_s": max(
+                (s["run"]["events_per_s"] for s in stages), default=None
+            ),
         }
         if not max_rate:
             return out
@@ -291,8 +295,12 @@ def command(args: Any) -> int:
     for r, res in results["replicas"].items():
         half = res.get("at_50pct") or {}
         lat = half.get("latency_ms", {})
+        first = res["stages"][0] if res["stages"] else {}
+        if not res["max_sustainable_events_per_s"] and first:
+            print(f"R{r}: not even the first stage held: {'; '.join(first['breaches'])}")
         print(
-            f"R{r}: max sustainable {res['max_sustainable_events_per_s'] or 0:.0f} events/s; at 50 %: "
+            f"R{r}: max sustainable {res['max_sustainable_events_per_s'] or 0:.0f} events/s "
+            f"(ingest acknowledged up to {res.get('max_acknowledged_events_per_s') or 0:.0f}); at 50 %: "
             f"p50/p95/p99 {lat.get('p50') or 0:.0f}/{lat.get('p95') or 0:.0f}/{lat.get('p99') or 0:.0f}"
             f" ms, freshness p95 {(half.get('freshness_s') or {}).get('p95') or 0:.2f} s"
         )
