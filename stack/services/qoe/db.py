@@ -55,6 +55,9 @@ def list_migrations(folder: Path) -> list[Migration]:
     return sorted(found)
 
 
+IDLE_IN_TRANSACTION_MS = 5000
+
+
 async def connect(url: str) -> psycopg.AsyncConnection:
     """A new autocommit connection with short timeouts and TCP keepalives.
 
@@ -73,6 +76,10 @@ async def connect(url: str) -> psycopg.AsyncConnection:
         keepalives_count=3,
         tcp_user_timeout=10_000,
         application_name=os.environ.get("QOE_SERVICE", "qoe"),
+        # A frozen or partitioned client must not hold its row locks (and so every other
+        # aggregator) hostage: the server ends a transaction left idle this long, well inside
+        # the consumer's ack wait, and the batch is redelivered to a live replica.
+        options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
     )
 
 
