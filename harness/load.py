@@ -573,12 +573,21 @@ def stats_of(
     *,
     exclude_process: str = "freshness",
     freshness_missing: int = 0,
+    overlapping: bool = False,
 ) -> LoadStats:
-    """Stats of the load's operations (not the sentinels) invoked in [start, end)."""
+    """Stats of the load's operations (not the sentinels) that ran inside [start, end], or,
+    with `overlapping`, that were in flight at any moment of it: a batch invoked just before a
+    fault and cut by it belongs to the fault window, not to the phase before."""
+
+    def selected(op: Operation) -> bool:
+        if overlapping:
+            return op.invoked_at < end and op.completed_at >= start
+        return start <= op.invoked_at and op.completed_at <= end
+
     ops = [
         op
         for op in (history.operations() if isinstance(history, History) else history)
-        if start <= op.invoked_at < end and op.process != exclude_process
+        if selected(op) and op.process != exclude_process
     ]
     ok = [op for op in ops if op.outcome is Outcome.OK]
     answered = [(op.completed_at - op.invoked_at) * 1000 for op in ops if op.status is not None]
@@ -888,7 +897,7 @@ def run_load(
     if fault_info is not None:
         grace_end = fault_info["end"] + slo.recovery_grace_s
         phases["before"] = stats_of(history, start, fault_info["start"], fresh)
-        phases["fault"] = stats_of(history, fault_info["start"], grace_end, fresh)
+        phases["fault"] = stats_of(history, fault_info["start"], grace_end, fresh, overlapping=True)
         phases["after"] = stats_of(history, grace_end, end, fresh, freshness_missing=missing)
     probe_ids = [*spec.probe_ids(prefix), sentinel_probe]
     verdict = None

@@ -250,3 +250,12 @@ def test_the_run_summary_draws_each_load_run_with_its_fault_band(tmp_path: Path)
     page = RunReport(tmp_path, "run-1", seed=1).write().read_text()
     assert "<h2>Load</h2>" in page and "chaos cut-ingest-nats" in page
     assert page.count("<svg") >= 1 and "freshness lag" in page
+
+
+def test_a_batch_in_flight_when_a_fault_starts_belongs_to_the_fault_window() -> None:
+    # Invoked 0.1 s before the fault at t=10 and answered 503 two seconds later: the fault's doing.
+    history = History([op(5.0, Outcome.OK, 100), op(9.9, Outcome.UNKNOWN, 100, 2.0, status=503)])
+    before = stats_of(history, 0.0, 10.0)
+    fault = stats_of(history, 10.0, 20.0, overlapping=True)
+    assert (before.batches, before.error_rate) == (1, 0.0)
+    assert (fault.batches, fault.unknown) == (1, 1)
