@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 
 from harness import checker
 from harness.history import History, Mark, Timeline
+from harness.nats_admin import JetStreamAdmin
 from harness.nemesis import Nemesis
 from harness.report import RunReport
 from harness.stack import ROOT, ComposeStack, Endpoints, ExternalStack, StackSettings, new_run_id
@@ -389,3 +390,9 @@ def scenario_details(request: pytest.FixtureRequest) -> dict[str, Any]:
     details: dict[str, Any] = {}
     request.node.stash[DETAILS_KEY] = details
     return details
+
+
+@pytest.fixture
+def jetstream(endpoints: Endpoints) -> JetStreamAdmin:
+    """The stack's JetStream: stream config, sequences, the aggregator consumer's state."""
+    return JetStreamAdmin(endpoints.nats_urls)
