@@ -1109,3 +1109,30 @@ def convergence_stats(times: Iterable[float]) -> dict[str, float | None]:
         return {"count": 0, "median": None, "p95": None, "max": None}
     p95 = xs[min(len(xs) - 1, math.ceil(0.95 * len(xs)) - 1)]
     return {"count": len(xs), "median": statistics.median(xs), "p95": p95, "max": xs[-1]}
+
+
+def check_database(
+    history: History,
+    database_dsn: str,
+    probe_ids: Sequence[str],
+    window_seconds: int,
+    rules: Rules,
+    timeout_s: float,
+    *,
+    interval_s: float = 0.05,
+) -> Verdict:
+    """The oracle of `history` against a stack's read views, polled until they agree or the
+    deadline passes; convergence is timed from the history's last acknowledgement."""
+    import psycopg
+
+    expected = expectation(history, window_seconds)
+    since = history.last_ok_at() or time.time()
+    with psycopg.connect(database_dsn, autocommit=True, connect_timeout=5) as conn:
+        return await_convergence(
+            expected,
+            lambda: read_observed(conn, probe_ids, window_seconds),
+            rules,
+            timeout_s=timeout_s,
+            since=since,
+            interval_s=interval_s,
+        )

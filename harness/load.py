@@ -992,19 +992,15 @@ def verify(
     timeout_s: float = 60.0,
 ) -> checker.Verdict:
     """The exactly-once check of a load run: poll the views until they equal the oracle."""
-    import psycopg
-
-    expected = checker.expectation(history, endpoints.window_seconds)
-    since = history.last_ok_at() or time.time()
-    with psycopg.connect(endpoints.database_dsn, autocommit=True, connect_timeout=5) as conn:
-        return checker.await_convergence(
-            expected,
-            lambda: checker.read_observed(conn, probe_ids, endpoints.window_seconds),
-            rules or checker.Rules(),
-            timeout_s=timeout_s,
-            since=since,
-            interval_s=0.2,
-        )
+    return checker.check_database(
+        history,
+        endpoints.database_dsn,
+        probe_ids,
+        endpoints.window_seconds,
+        rules or checker.Rules(),
+        timeout_s,
+        interval_s=0.2,
+    )
 
 
 # --- step: raise the rate until an SLO breaks -------------------------------------------------

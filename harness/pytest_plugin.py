@@ -300,18 +300,14 @@ class Verifier:
         self, history: History, probe_ids: list[str], timeout_s: float = 30.0
     ) -> checker.Verdict:
         """The verdict without asserting (meta-tests assert that it is invalid)."""
-        expected = checker.expectation(history, self.endpoints.window_seconds)
-        since = history.last_ok_at() or time.time()
-        with psycopg.connect(
-            self.endpoints.database_dsn, autocommit=True, connect_timeout=5
-        ) as conn:
-            verdict = checker.await_convergence(
-                expected,
-                lambda: checker.read_observed(conn, probe_ids),
-                self.rules,
-                timeout_s=timeout_s,
-                since=since,
-            )
+        verdict = checker.check_database(
+            history,
+            self.endpoints.database_dsn,
+            probe_ids,
+            self.endpoints.window_seconds,
+            self.rules,
+            timeout_s,
+        )
         self.node.stash[VERDICT_KEY] = verdict
         self.run.timeline.append(
             Mark(

@@ -257,9 +257,7 @@ class ComposeStack:
     def _secrets(self) -> dict[str, str]:
         """Per-run secrets; a kept stack reuses the ones it was created with."""
         if self.env_file.exists():
-            existing = dict(
-                line.split("=", 1) for line in self.env_file.read_text().splitlines() if "=" in line
-            )
+            existing = self._env()
             if "POSTGRES_PASSWORD" in existing:
                 return {
                     k: existing[k] for k in existing if k.endswith(("PASSWORD", "TOKEN", "TOKENS"))
@@ -394,9 +392,6 @@ class ComposeStack:
             },
             window_seconds=self.settings.window_s,
         )
-
-    def endpoints(self) -> Endpoints:
-        return self._discover(self._write_env() if not self.env_file.exists() else self._env())
 
     def _env(self) -> dict[str, str]:
         return dict(
