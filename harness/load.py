@@ -577,22 +577,32 @@ def stats_of(
 ) -> LoadStats:
     """Stats of the load's operations (not the sentinels) that ran inside [start, end], or,
     with `overlapping`, that were in flight at any moment of it: a batch invoked just before a
-    fault and cut by it belongs to the fault window, not to the phase before."""
+    fault and cut by it belongs to the fault window, not to the phase before.
+
+    Throughput counts the events acknowledged inside the window, whenever their batch began:
+    batches still in flight at `end` are answered in the next window and counted there, so a
+    phase's rate does not read low by the batches its end cut off."""
 
     def selected(op: Operation) -> bool:
         if overlapping:
             return op.invoked_at < end and op.completed_at >= start
         return start <= op.invoked_at and op.completed_at <= end
 
-    ops = [
+    def acked_inside(op: Operation) -> bool:
+        if overlapping:
+            return selected(op)
+        return start <= op.completed_at <= end
+
+    load = [
         op
         for op in (history.operations() if isinstance(history, History) else history)
-        if selected(op) and op.process != exclude_process
+        if op.process != exclude_process
     ]
+    ops = [op for op in load if selected(op)]
     ok = [op for op in ops if op.outcome is Outcome.OK]
     answered = [(op.completed_at - op.invoked_at) * 1000 for op in ops if op.status is not None]
     fresh = [s.lag_s for s in freshness if start <= s.sent_at < end]
-    acked = sum(len(op.events) for op in ok)
+    acked = sum(len(op.events) for op in load if op.outcome is Outcome.OK and acked_inside(op))
     span = max(end - start, 1e-9)
     return LoadStats(
         start=start,

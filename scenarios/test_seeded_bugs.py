@@ -43,6 +43,14 @@ def test_aggregator_without_dedup_fails_the_dedup_window_scenario(
     reconfigured_stack, endpoints, client: IngestClient, generator, verifier, history
 ):
     resend_after_the_jetstream_dedup_window(client, endpoints, generator)
+    # The database equals the oracle until the resend is folded in: observe after that.
+    admin = JetStreamAdmin(endpoints.nats_urls)
+    stored = admin.last_sequence()
+    wait_until(
+        lambda: admin.ack_floor() >= stored,
+        timeout_s=30,
+        what="the aggregators acknowledging the resend",
+    )
     assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
 
 

@@ -259,3 +259,11 @@ def test_a_batch_in_flight_when_a_fault_starts_belongs_to_the_fault_window() -> 
     fault = stats_of(history, 10.0, 20.0, overlapping=True)
     assert (before.batches, before.error_rate) == (1, 0.0)
     assert (fault.batches, fault.unknown) == (1, 1)
+
+
+def test_a_phase_counts_the_events_acknowledged_inside_it() -> None:
+    # One batch a second, each answered 1.5 s later: at any moment one or two are in flight.
+    history = History([op(float(t), Outcome.OK, 100, 1.5) for t in range(20)])
+    before = stats_of(history, 2.0, 10.0)
+    assert before.batches == 7  # invoked at 2..8 and answered by t=10: latency counted
+    assert before.events_per_s == pytest.approx(100.0)  # answered at 2.5..9.5: 8 batches / 8 s
