@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.load import LoadResult, LoadSpec, Slo, run_load, run_step, step_rates
-from harness.stack import ROOT, ComposeStack, StackSettings, new_run_id
+from harness.stack import STATE_DIR, ComposeStack, StackSettings, new_run_id
 
 # A stage "holds" when the pipeline keeps up end to end: nearly everything acknowledged, the
 # acknowledged rate close to the offered one, and events visible within 2 s (p95).
@@ -105,7 +105,7 @@ def measure(
     """One stack with ``replicas`` stream replicas: step search, then 50 % and 90 % runs."""
     stack = ComposeStack(
         run_id=f"{new_run_id()}-r{replicas}",
-        state_dir=ROOT / ".run",
+        state_dir=STATE_DIR,
         settings=StackSettings(stream_replicas=replicas, health_interval_s=10),
     )
     base = LoadSpec(

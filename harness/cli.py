@@ -10,7 +10,7 @@ from pathlib import Path
 
 import docker
 
-from harness.stack import ROOT, RUN_LABEL, ComposeStack, reap_orphans
+from harness.stack import ROOT, RUN_LABEL, STATE_DIR, ComposeStack, reap_orphans
 
 REUSE_PROJECT = "qoe-dev"
 SUITES: dict[str, list[str]] = {
@@ -25,9 +25,7 @@ SUITES: dict[str, list[str]] = {
 
 
 def _dev_stack() -> ComposeStack:
-    return ComposeStack(
-        run_id=REUSE_PROJECT, project=REUSE_PROJECT, state_dir=ROOT / ".run", keep=True
-    )
+    return ComposeStack(run_id=REUSE_PROJECT, project=REUSE_PROJECT, state_dir=STATE_DIR, keep=True)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -190,6 +190,21 @@ class History:
         times = [op.completed_at for op in self.operations() if op.outcome is Outcome.OK]
         return max(times, default=None)
 
+    def rates(self, bucket_s: float = 0.5) -> list[dict[str, float]]:
+        """What the clients saw over time, by completion time in buckets of `bucket_s`: events
+        acknowledged per second, and the batches completed and not acknowledged (failed or
+        unknown) in the bucket."""
+        buckets: dict[int, dict[str, float]] = {}
+        for op in self.operations():
+            n = int(op.completed_at // bucket_s)
+            b = buckets.setdefault(n, {"t": n * bucket_s, "acked": 0.0, "batches": 0, "errors": 0})
+            b["batches"] += 1
+            if op.outcome is Outcome.OK:
+                b["acked"] += len(op.events) / bucket_s
+            else:
+                b["errors"] += 1
+        return [buckets[k] for k in sorted(buckets)]
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the history as JSON lines, one operation per line."""
         _write_jsonl(Path(path), (op.to_dict() for op in self.operations()))

@@ -36,7 +36,7 @@ from typing import Any
 from harness import checker
 from harness.history import Event, History, Operation, Outcome, Timeline
 from harness.polling import wait_until
-from harness.stack import ROOT, Endpoints
+from harness.stack import ROOT, STATE_DIR, Endpoints
 
 __all__ = [
     "LOCUSTFILE",
@@ -1186,7 +1186,7 @@ def command(args: Any) -> int:
         stack = ComposeStack(
             run_id="qoe-dev" if reuse else run_id,
             project="qoe-dev" if reuse else None,
-            state_dir=ROOT / ".run",
+            state_dir=STATE_DIR,
             keep=reuse,
             settings=StackSettings(stream_replicas=args.stream_replicas),
         )

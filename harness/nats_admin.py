@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -81,3 +83,37 @@ class JetStreamAdmin:
 
 async def _config(js: Any, stream: str) -> StreamConfig:
     return (await js.stream_info(stream)).config
+
+
+class LagSampler:
+    """Samples the aggregators' consumer lag (messages not yet acknowledged: pending plus in
+    flight) on a thread, for the report's picture of a scenario. A sample that cannot be read
+    (the cluster may be faulted) is recorded as None, not retried."""
+
+    def __init__(self, admin: JetStreamAdmin, interval_s: float = 0.25) -> None:
+        self.admin = admin
+        self.interval_s = interval_s
+        self._samples: list[tuple[float, int | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lag-sampler", daemon=True)
+
+    def start(self) -> LagSampler:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            at = time.time()
+            try:
+                lag: int | None = sum(self.admin.consumer_pending())
+            except Exception:  # a faulted cluster is what is being pictured
+                lag = None
+            self._samples.append((at, lag))
+            self._stop.wait(self.interval_s)
+
+    def samples(self) -> list[tuple[float, int | None]]:
+        return list(self._samples)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)

@@ -194,11 +194,12 @@ class ToxiproxyAPI:
     def set_upstream(self, name: str, upstream: str, attempts: int = 3) -> dict[str, Any]:
         """POST /proxies/{name} {"upstream": ...}; Toxiproxy restarts the proxy (its open
         connections are closed). Toxiproxy can take long to stop a proxy whose connections
-        lead to a vanished server, so a timed-out call is checked and retried."""
+        lead to a vanished server, so a call that timed out, lost its connection or got a
+        cut-off answer is checked and retried."""
         for attempt in range(1, attempts + 1):
             try:
                 return self._request("POST", f"/proxies/{name}", {"upstream": upstream}, 30)
-            except (TimeoutError, urllib.error.URLError) as error:
+            except (OSError, ValueError) as error:  # URLError, timeouts, resets; bad JSON
                 if self.proxy(name).get("upstream") == upstream:
                     return self.proxy(name)
                 if attempt == attempts:

@@ -24,10 +24,18 @@ from hypothesis import HealthCheck, settings
 
 from harness import checker
 from harness.history import History, Mark, Timeline
-from harness.nats_admin import JetStreamAdmin
+from harness.nats_admin import JetStreamAdmin, LagSampler
 from harness.nemesis import Nemesis
 from harness.report import RunReport
-from harness.stack import ROOT, ComposeStack, Endpoints, ExternalStack, StackSettings, new_run_id
+from harness.stack import (
+    ROOT,
+    STATE_DIR,
+    ComposeStack,
+    Endpoints,
+    ExternalStack,
+    StackSettings,
+    new_run_id,
+)
 from harness.workload import EventGenerator, IngestClient
 
 MARKERS = {
@@ -170,7 +178,7 @@ def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[ComposeStack | E
         the_stack = ComposeStack(
             run_id=REUSE_PROJECT if reuse else run.run_id,
             project=REUSE_PROJECT if reuse else None,
-            state_dir=ROOT / ".run",
+            state_dir=STATE_DIR,
             keep=reuse,
             timeout_s=config.getoption("--stack-timeout"),
         )
@@ -237,6 +245,7 @@ def history(request: pytest.FixtureRequest, scenario_dir: Path) -> Iterator[Hist
 HISTORY_KEY = pytest.StashKey[History]()
 DETAILS_KEY = pytest.StashKey[dict[str, Any]]()
 VERDICT_KEY = pytest.StashKey[checker.Verdict]()
+LAG_KEY = pytest.StashKey[LagSampler]()
 
 
 @pytest.fixture
@@ -348,11 +357,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             verdict=verdict.to_dict() if verdict else None,
             details={
                 **item.stash.get(DETAILS_KEY, {}),
+                **_over_time(item),
                 **({"longrepr": str(report.longrepr)[-4000:]} if report.failed else {}),
             },
             logs=logs,
         )
     return report
+
+
+def _over_time(item: pytest.Item) -> dict[str, Any]:
+    """A fault scenario's clients and consumer lag over time, for its report picture."""
+    sampler = item.stash.get(LAG_KEY, None)
+    history = item.stash.get(HISTORY_KEY, None)
+    if sampler is None:
+        return {}
+    return {
+        "clients_over_time": history.rates() if history is not None else [],
+        "consumer_lag": sampler.samples(),
+    }
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -373,10 +395,21 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 @pytest.fixture
-def nemesis(stack: ComposeStack | ExternalStack, endpoints: Endpoints, run: Run) -> Nemesis:
+def nemesis(
+    stack: ComposeStack | ExternalStack,
+    endpoints: Endpoints,
+    run: Run,
+    request: pytest.FixtureRequest,
+) -> Iterator[Nemesis]:
+    """The faults; while a scenario uses them, the consumer lag is sampled for its report."""
     if not isinstance(stack, ComposeStack):
         pytest.skip("process faults need the compose backend")
-    return Nemesis(stack, endpoints, run.timeline)
+    sampler = LagSampler(JetStreamAdmin(endpoints.nats_urls)).start()
+    request.node.stash[LAG_KEY] = sampler
+    try:
+        yield Nemesis(stack, endpoints, run.timeline)
+    finally:
+        sampler.stop()
 
 
 @pytest.fixture

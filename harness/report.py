@@ -170,7 +170,27 @@ def summarise(
             else None,
         },
         "scenarios": rows,
+        "recovery": [_recovery_row(s) for s in scenarios if s.details.get("faults")],
         "timeline": [dict(m) for m in marks],
+    }
+
+
+def _recovery_row(s: ScenarioResult) -> dict[str, Any]:
+    """A fault scenario in the recovery table: its faults, and how long the system took."""
+    faults = list(s.details["faults"])
+    return {
+        "nodeid": s.nodeid,
+        "outcome": s.outcome,
+        "faults": [
+            f"{f['name']} ({f['detail']})" if f.get("detail") else f["name"] for f in faults
+        ],
+        "effect_s": max(
+            (f["effect_s"] for f in faults if f.get("effect_s") is not None), default=None
+        ),
+        "held_s": sum(f["duration_s"] for f in faults if f.get("duration_s") is not None),
+        "ready_again_s": s.details.get("ready_again_s"),
+        "recovery_s": s.details.get("recovery_s"),
+        "convergence_s": s.details.get("convergence_s"),
     }
 
 
@@ -186,6 +206,18 @@ def _atomic_write(path: Path, text: str) -> None:
 def _label(text: str) -> str:
     # matplotlib treats $...$ as math; marks are plain text.
     return text.replace("$", r"\$")
+
+
+def _inline_svg(fig: Any) -> str:
+    """A matplotlib figure as an <svg> element to inline in HTML (no prologue, no metadata)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "qoe-harness"}):
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg")
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]
+    return re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
 
 
 def timeline_svg(marks: Sequence[Mapping[str, Any]], started_at: float | None = None) -> str:
@@ -220,11 +252,7 @@ def timeline_svg(marks: Sequence[Mapping[str, Any]], started_at: float | None = 
         ax.set_ylim(-0.7, len(sources) - 0.2)
         ax.set_xlabel("seconds since the run started")
         ax.grid(axis="x", alpha=0.3)
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg")
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg") :]  # drop the XML prologue and doctype: inline in HTML
-    return re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
+    return _inline_svg(fig)
 
 
 # --- the page -------------------------------------------------------------------------------
@@ -288,6 +316,55 @@ def _scenario_bands(scenarios: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     return bands
 
 
+def fault_svg(details: Mapping[str, Any]) -> str:
+    """A fault scenario over time: events acknowledged per second, the share of batches not
+    acknowledged, and the aggregators' consumer lag; each fault as a red band, the recovery
+    (heal -> database matches the oracle) as a green one. Empty when nothing was sampled."""
+    clients = details.get("clients_over_time") or []
+    lag = details.get("consumer_lag") or []
+    faults = details.get("faults") or []
+    if not clients and not lag:
+        return ""
+    from matplotlib.figure import Figure
+
+    starts = [c["t"] for c in clients] + [t for t, _ in lag] + [f["started_at"] for f in faults]
+    t0 = min(starts)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    acked, errors, backlog = fig.subplots(3, 1, sharex=True)
+    xs = [c["t"] - t0 for c in clients]
+    acked.step(xs, [c["acked"] for c in clients], where="post", label="events acknowledged/s")
+    errors.step(
+        xs,
+        [100.0 * c["errors"] / c["batches"] if c["batches"] else 0.0 for c in clients],
+        where="post",
+        color="#d62728",
+        label="batches not acknowledged (%)",
+    )
+    backlog.plot(
+        [t - t0 for t, n in lag if n is not None],
+        [n for _, n in lag if n is not None],
+        color="#9467bd",
+        label="consumer lag (messages not yet acknowledged)",
+    )
+    unread = [t - t0 for t, n in lag if n is None]
+    if unread:
+        backlog.plot(unread, [0] * len(unread), "x", color="#555555", label="lag unreadable")
+    recovery = details.get("recovery_s")
+    for ax, unit in ((acked, "events/s"), (errors, "%"), (backlog, "messages")):
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        for f in faults:
+            end = f["started_at"] + (f.get("duration_s") or 0.0)
+            ax.axvspan(f["started_at"] - t0, end - t0, color="#d62728", alpha=0.15)
+            if f.get("healed_at") is not None and recovery is not None and f is faults[-1]:
+                healed = f["healed_at"] - t0
+                ax.axvspan(healed, healed + recovery, color="#2ca02c", alpha=0.12)
+        ax.legend(fontsize=7, loc="upper left")
+    names = ", ".join(f["name"] for f in faults) or "no fault"
+    backlog.set_xlabel(f"seconds into the scenario (red: {names}; green: recovery)")
+    return _inline_svg(fig)
+
+
 def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
     """The HTML page for a summary.json document (with the load charts found in run_dir)."""
     svg = timeline_svg(
@@ -296,7 +373,18 @@ def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
     )
     template = _environment().get_template(TEMPLATE_NAME)
     loads = load_charts(run_dir) if run_dir is not None else []
-    return template.render(s=summary, timeline_svg=svg, t0=summary.get("started_at"), loads=loads)
+    pictures = {
+        sc["nodeid"]: picture
+        for sc in summary.get("scenarios", [])
+        if (picture := fault_svg(sc.get("details") or {}))
+    }
+    return template.render(
+        s=summary,
+        timeline_svg=svg,
+        t0=summary.get("started_at"),
+        loads=loads,
+        pictures=pictures,
+    )
 
 
 # --- load runs: locust's charts and the harness's freshness lag ------------------------------
@@ -353,11 +441,7 @@ def load_svg(doc: Mapping[str, Any]) -> str:
             "seconds into the load"
             + (f" (fault: {doc['fault']['name']})" if doc.get("fault") else "")
         )
-        buf = io.StringIO()
-        fig.savefig(buf, format="svg")
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg") :]
-    return re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
+    return _inline_svg(fig)
 
 
 def render(run_dir: str | os.PathLike[str]) -> Path:

@@ -28,6 +28,7 @@ from python_on_whales.exceptions import DockerException
 from harness.polling import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = ROOT / ".run"  # per-stack secrets and endpoints; git-ignored
 COMPOSE_DIR = ROOT / "stack" / "compose"
 TIER_FILES = (
     "storage.yml",
@@ -219,9 +220,20 @@ def reap_orphans(client: docker.DockerClient | None = None) -> list[str]:
     (`--reuse-stack`, `python -m harness up`) carry pid 0 and are left alone.
     """
     dead_runs = remove_resources(client or docker.from_env(), RUN_LABEL, _orphaned)
+    for run_id in dead_runs:
+        _forget_state(STATE_DIR / f"qoe-{run_id}")
     if dead_runs:
         log(f"removed what killed runs left behind: {', '.join(sorted(dead_runs))}")
     return sorted(dead_runs)
+
+
+def _forget_state(state_dir: Path) -> None:
+    """A stack's state folder holds its secrets: remove it, unless it keeps the diagnosis of
+    a failed bring-up (then only the secrets go)."""
+    if (state_dir / "bring-up-failure").exists():
+        (state_dir / "stack.env").unlink(missing_ok=True)
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 class ComposeStack:
@@ -330,10 +342,8 @@ class ComposeStack:
             self.docker.compose.down(volumes=True, remove_orphans=True, timeout=5, quiet=True)
         finally:
             self._remove_labelled()
-            self.env_file.unlink(missing_ok=True)
             self.endpoints_file.unlink(missing_ok=True)
-            if not (self.state_dir / "bring-up-failure").exists():
-                shutil.rmtree(self.state_dir, ignore_errors=True)
+            _forget_state(self.state_dir)
         log(f"{self.name} removed in {time.monotonic() - started:.1f} s")
 
     def _remove_labelled(self) -> None:

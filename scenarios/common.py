@@ -6,7 +6,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -218,6 +218,81 @@ def verify_recovery(
             Mark(healed_at, "nemesis", "recovered", verifier.node.name, duration_s=recovery_s)
         )
     return verdict
+
+
+def refused_after_effect(load: Workload, fault: Fault, history: History) -> dict[str, Any]:
+    """Send on under a fault that ingest must refuse: every batch begun once the fault took
+    effect is answered 503. Stops the workload; returns what the clients saw meanwhile."""
+    effective = fault.started_at + (fault.effect_s or 0)
+    load.progress(more=5)
+    load.stop()
+    late = [op for op in load.sent if op.invoked_at > effective]
+    assert late and all(op.status == 503 for op in late), [op.error for op in late]
+    return client_view(history, effective, time.time())
+
+
+def recover_after_refusals(
+    endpoints: Endpoints,
+    services: Sequence[str],
+    client: IngestClient,
+    generator: EventGenerator,
+    verifier: Any,
+    history: History,
+    faults: Sequence[Fault],
+    details: dict[str, Any],
+) -> Verdict:
+    """After a fault ingest refused batches for: the services ready again, the refused
+    batches resent like a probe would, then the exactly-once verdict and recovery time."""
+    _, ready_s = wait_until(
+        lambda: all_ready(endpoints, *services),
+        timeout_s=60,
+        what=f"{', '.join(services)} ready again",
+    )
+    details["ready_again_s"] = round(ready_s, 3)
+    client.settle(deadline_s=60)
+    return verify_recovery(verifier, history, list(generator.probes), faults, details)
+
+
+def other_aggregator_carries_on(
+    endpoints: Endpoints,
+    db: Any,
+    load: Workload,
+    history: History,
+    fault: Fault,
+    details: dict[str, Any],
+    *,
+    ack_wait_s: float,
+    progressed: Callable[[dict[str, int], dict[str, int]], bool],
+    what: str,
+    key: str,
+) -> DeadlineExceeded | None:
+    """While one aggregator is held mid-transaction by `fault`, wait (ack wait + 15 s) until
+    the consumer state shows `progressed(before, now)`; the seconds it took go to
+    details[key]. Stops the workload. Returns the deadline error instead of raising it, so
+    that the scenario measures the recovery before it reports the stall."""
+    details["caught_mid_transaction_attempt"] = fault.notes["caught_mid_transaction_attempt"]
+    before = consumer_state(endpoints)
+    try:
+        _, took = wait_until(
+            lambda: progressed(before, consumer_state(endpoints)),
+            timeout_s=ack_wait_s + 15,
+            what=f"{what} (ack wait {ack_wait_s} s)",
+            describe=lambda: (
+                f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
+            ),
+        )
+        details[key] = round(took, 3)
+        return None
+    except DeadlineExceeded as error:
+        return error
+    finally:
+        load.stop()
+        details["during_fault"] = {
+            "consumer_before": before,
+            "consumer": consumer_state(endpoints),
+            "database_sessions": sessions(db),
+            **client_view(history, fault.started_at, time.time()),
+        }
 
 
 def writing_transactions(db: Any, application: str = "aggregator", older_than_s: float = 0) -> int:

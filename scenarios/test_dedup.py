@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 
-from harness.history import Outcome
+from harness.history import Event, Outcome
 from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
 from harness.workload import EventGenerator, IngestClient
@@ -65,8 +66,32 @@ def test_duplicates_after_the_jetstream_dedup_window(
     verifier.verify(history, list(generator.probes))
 
 
-def resend_after_the_jetstream_dedup_window(client, endpoints, generator) -> float:
+@pytest.mark.partition
+def test_resend_after_a_cut_off_answer_past_the_dedup_window(
+    client, endpoints, generator, nemesis, verifier, history
+):
+    """The link cuts ingest's answer off: the batch is stored, the client cannot know. Its
+    resend comes after JetStream's (shortened) dedup window: only the aggregator can drop it."""
+    resend_after_a_cut_off_answer(client, endpoints, generator, nemesis)
+    verifier.verify(history, list(generator.probes))
+
+
+def resend_after_a_cut_off_answer(client, endpoints, generator, nemesis) -> float:
+    def cut_off_answer(batch) -> None:
+        with nemesis.toxic("harness-ingest", "limit_data", "downstream", bytes=64):
+            op = client.send(batch)
+        assert op.outcome is Outcome.UNKNOWN, (
+            f"expected the answer cut off by the link (unknown outcome), got {op.status} {op.error}"
+        )
+
+    return resend_after_the_jetstream_dedup_window(client, endpoints, generator, cut_off_answer)
+
+
+def resend_after_the_jetstream_dedup_window(
+    client, endpoints, generator, first_send: Callable[[list[Event]], None] | None = None
+) -> float:
     """With a 1 s JetStream window a resend is new to JetStream: only the aggregator can drop it.
+    `first_send` sends the batch the first time (default: acknowledged by ingest).
 
     Returns how long JetStream took to forget the ids.
     """
@@ -75,7 +100,7 @@ def resend_after_the_jetstream_dedup_window(client, endpoints, generator) -> flo
     admin.set_duplicate_window(1.0)
     try:
         batch = generator.batch(200)
-        ok(client.send(batch))
+        (first_send or (lambda b: ok(client.send(b))))(batch)
         # Resend only after a whole window: a resend the server half-forgot stores the
         # forgotten ids afresh, and resending faster than the window keeps some ids always fresh.
         return wait_until(

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from harness.history import Operation, Outcome
-from harness.polling import DeadlineExceeded, wait_until
+from harness.polling import wait_until
 from harness.workload import EventGenerator, IngestClient, classify_error, classify_status
 from scenarios.common import (
     all_ready,
@@ -20,8 +20,10 @@ from scenarios.common import (
     caught_mid_transaction,
     client_view,
     consumer_state,
+    other_aggregator_carries_on,
     readiness,
-    sessions,
+    recover_after_refusals,
+    refused_after_effect,
     verify_recovery,
     workload,
 )
@@ -77,6 +79,14 @@ def test_ingest_nats_partition(
 ):
     """Ingest cut off from every NATS node: 503 + Retry-After within the publish timeout (no
     hang, no 500), /readyz red; the client retries after healing; nothing lost or doubled."""
+    ingest_nats_partition(
+        client, generator, endpoints, nemesis, verifier, history, scenario_details
+    )
+
+
+def ingest_nats_partition(
+    client, generator: EventGenerator, endpoints, nemesis, verifier, history, scenario_details
+) -> None:
     with workload(client, generator) as load:
         load.progress()
         with nemesis.cut("ingest-nats", effect=lambda: all_unready(endpoints, *INGEST)) as cut:
@@ -85,18 +95,10 @@ def test_ingest_nats_partition(
                 assert op.status == 503, f"expected 503 while NATS is cut off, got {op.error}"
                 assert "retry-after" in {h.lower() for h in headers}, headers
                 assert took <= PUBLISH_TIMEOUT_S + 1.5, f"503 took {took:.2f}s (hung?)"
-            effective = cut.started_at + (cut.effect_s or 0)
-            load.progress(more=5)
-            load.stop()
-            seen = [op for op in load.sent if op.invoked_at > effective]
-            assert seen and all(op.status == 503 for op in seen), [op.error for op in seen]
-            scenario_details["during_fault"] = client_view(history, effective, time.time())
-    _, ready_s = wait_until(
-        lambda: all_ready(endpoints, *INGEST), timeout_s=30, what="ingest ready again"
+            scenario_details["during_fault"] = refused_after_effect(load, cut, history)
+    recover_after_refusals(
+        endpoints, INGEST, client, generator, verifier, history, [cut], scenario_details
     )
-    scenario_details["ready_again_s"] = round(ready_s, 3)
-    client.settle(deadline_s=60)
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
 
 
 def test_aggregator_postgres_partition(
@@ -202,18 +204,10 @@ def test_whole_nats_tier_partition(
     with workload(client, generator) as load:
         load.progress()
         with nemesis.partition("nats", effect=lambda: all_unready(endpoints, *everyone)) as cut:
-            effective = cut.started_at + (cut.effect_s or 0)
-            load.progress(more=5)
-            load.stop()
-            late = [op for op in load.sent if op.invoked_at > effective]
-            assert late and all(op.status == 503 for op in late), [op.error for op in late]
-            scenario_details["during_fault"] = client_view(history, effective, time.time())
-    _, ready_s = wait_until(
-        lambda: all_ready(endpoints, *everyone), timeout_s=60, what="every NATS client ready"
+            scenario_details["during_fault"] = refused_after_effect(load, cut, history)
+    recover_after_refusals(
+        endpoints, everyone, client, generator, verifier, history, [cut], scenario_details
     )
-    scenario_details["ready_again_s"] = round(ready_s, 3)
-    client.settle(deadline_s=60)
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
 
 
 @pytest.mark.parametrize(
@@ -298,32 +292,18 @@ def test_hard_partition_of_an_aggregator_mid_transaction(
         with caught_mid_transaction(
             nemesis, db, lambda: nemesis.disconnected("aggregator-1")
         ) as cut:
-            scenario_details["caught_mid_transaction_attempt"] = cut.notes[
-                "caught_mid_transaction_attempt"
-            ]
-            before = consumer_state(endpoints)
-            stalled: DeadlineExceeded | None = None
-            try:
-                _, took = wait_until(
-                    lambda: consumer_state(endpoints)["ack_floor"] > before["ack_floor"],
-                    timeout_s=ack_wait_s + 15,
-                    what="aggregator-2 acknowledging anything while aggregator-1 is partitioned "
-                    f"(ack wait {ack_wait_s} s)",
-                    describe=lambda: (
-                        f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
-                    ),
-                )
-                scenario_details["carried_on_after_s"] = round(took, 3)
-            except DeadlineExceeded as error:
-                stalled = error  # reported after the recovery is measured
-            finally:
-                load.stop()
-                scenario_details["during_fault"] = {
-                    "consumer_before": before,
-                    "consumer": consumer_state(endpoints),
-                    "database_sessions": sessions(db),
-                    **client_view(history, cut.started_at, time.time()),
-                }
+            stalled = other_aggregator_carries_on(
+                endpoints,
+                db,
+                load,
+                history,
+                cut,
+                scenario_details,
+                ack_wait_s=ack_wait_s,
+                progressed=lambda before, now: now["ack_floor"] > before["ack_floor"],
+                what="aggregator-2 acknowledging anything while aggregator-1 is partitioned",
+                key="carried_on_after_s",
+            )
     _, back_s = wait_until(
         lambda: all_ready(endpoints, "aggregator-1"), timeout_s=60, what="aggregator-1 ready"
     )

@@ -9,13 +9,13 @@ import time
 import pytest
 
 from harness.history import Outcome
-from harness.polling import DeadlineExceeded, wait_until
+from harness.polling import wait_until
 from scenarios.common import (
     all_ready,
     caught_mid_transaction,
     client_view,
     consumer_state,
-    sessions,
+    other_aggregator_carries_on,
     verify_recovery,
     workload,
     writing_transactions,
@@ -87,35 +87,22 @@ def test_pause_an_aggregator_past_the_ack_wait(
     with workload(client, generator) as load:
         load.progress()
         with caught_mid_transaction(nemesis, db, lambda: nemesis.paused("aggregator-1")) as pause:
-            scenario_details["caught_mid_transaction_attempt"] = pause.notes[
-                "caught_mid_transaction_attempt"
-            ]
-            before = consumer_state(endpoints)
-            stalled: DeadlineExceeded | None = None
-            try:
-                _, took = wait_until(
-                    lambda: (
-                        (now := consumer_state(endpoints))["redeliveries"] > before["redeliveries"]
-                        and now["ack_floor"] > before["ack_floor"]
-                    ),
-                    timeout_s=ack_wait_s + 15,
-                    what="aggregator-1's batch redelivered and aggregator-2 acknowledging "
-                    f"while aggregator-1 is frozen (ack wait {ack_wait_s} s)",
-                    describe=lambda: (
-                        f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
-                    ),
-                )
-                scenario_details["redelivered_after_s"] = round(took, 3)
-            except DeadlineExceeded as error:
-                stalled = error  # reported after the recovery is measured
-            finally:
-                load.stop()
-                scenario_details["during_fault"] = {
-                    "consumer_before": before,
-                    "consumer": consumer_state(endpoints),
-                    "database_sessions": sessions(db),
-                    **client_view(history, pause.started_at, time.time()),
-                }
+            stalled = other_aggregator_carries_on(
+                endpoints,
+                db,
+                load,
+                history,
+                pause,
+                scenario_details,
+                ack_wait_s=ack_wait_s,
+                progressed=lambda before, now: (
+                    now["redeliveries"] > before["redeliveries"]
+                    and now["ack_floor"] > before["ack_floor"]
+                ),
+                what="aggregator-1's batch redelivered and aggregator-2 acknowledging "
+                "while aggregator-1 is frozen",
+                key="redelivered_after_s",
+            )
     wait_until(lambda: all_ready(endpoints, *AGGREGATORS), timeout_s=60, what="aggregators ready")
     verify_recovery(verifier, history, list(generator.probes), [pause], scenario_details)
     assert stalled is None, (

@@ -19,7 +19,8 @@ from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
 from harness.stack import Endpoints, StackSettings
 from harness.workload import EventGenerator, IngestClient
-from scenarios.test_dedup import resend_after_the_jetstream_dedup_window
+from scenarios.test_dedup import resend_after_a_cut_off_answer
+from scenarios.test_partitions import ingest_nats_partition
 
 pytestmark = pytest.mark.meta
 
@@ -39,10 +40,10 @@ def assert_caught(verdict: checker.Verdict, generator: EventGenerator) -> str:
 
 
 @bug("aggregator_no_dedup")
-def test_aggregator_without_dedup_fails_the_dedup_window_scenario(
-    reconfigured_stack, endpoints, client: IngestClient, generator, verifier, history
+def test_aggregator_without_dedup_fails_the_cut_off_answer_scenario(
+    reconfigured_stack, endpoints, client: IngestClient, generator, nemesis, verifier, history
 ):
-    resend_after_the_jetstream_dedup_window(client, endpoints, generator)
+    resend_after_a_cut_off_answer(client, endpoints, generator, nemesis)
     # The database equals the oracle until the resend is folded in: observe after that.
     admin = JetStreamAdmin(endpoints.nats_urls)
     stored = admin.last_sequence()
@@ -66,6 +67,20 @@ def test_window_off_by_one_fails_the_boundary_scenario(
     ]
     assert client.send(batch).outcome is Outcome.OK
     assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
+
+
+@bug("window_off_by_one")
+def test_window_off_by_one_fails_the_ingest_nats_partition_scenario(
+    reconfigured_stack, endpoints, client, generator, nemesis, verifier, history, scenario_details
+):
+    """Any fault scenario's workload puts events on window boundaries (EventGenerator's
+    boundary_fraction): the partition scenario's final verdict must name the wrong windows."""
+    with pytest.raises(AssertionError) as failed:
+        ingest_nats_partition(
+            client, generator, endpoints, nemesis, verifier, history, scenario_details
+        )
+    message = str(failed.value)
+    assert "window" in message and any(p in message for p in generator.probes), message
 
 
 @bug("ingest_early_ack")

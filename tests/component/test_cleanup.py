@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 
 import docker
 import pytest
 
-from harness.stack import PID_LABEL, RUN_LABEL, reap_orphans
+from harness.stack import PID_LABEL, RUN_LABEL, STATE_DIR, reap_orphans
 
 pytestmark = pytest.mark.component
 
@@ -25,6 +26,9 @@ def test_resources_of_a_dead_run_are_reaped_and_others_kept():
     dead = {RUN_LABEL: "killed-run", PID_LABEL: str(dead_pid())}
     kept = {RUN_LABEL: "kept-stack", PID_LABEL: "0"}
     created = []
+    secrets = STATE_DIR / "qoe-killed-run" / "stack.env"
+    secrets.parent.mkdir(parents=True, exist_ok=True)
+    secrets.write_text("POSTGRES_PASSWORD=x\n")
     try:
         for labels in (dead, kept):
             network = client.networks.create(f"qoe-test-{labels[RUN_LABEL]}", labels=labels)
@@ -43,7 +47,9 @@ def test_resources_of_a_dead_run_are_reaped_and_others_kept():
             assert (container.id in containers) is alive, labels
             assert (network.id in networks) is alive, labels
             assert (volume.id in volumes) is alive, labels
+        assert not secrets.parent.exists(), "the killed run's secrets were left in .run"
     finally:
+        shutil.rmtree(secrets.parent, ignore_errors=True)
         for _, container, network, volume in created:
             for remove in (lambda c=container: c.remove(force=True), network.remove, volume.remove):
                 with contextlib.suppress(docker.errors.NotFound):

@@ -121,3 +121,18 @@ def test_timeline_merge_orders_by_time() -> None:
     a = Timeline([Mark(at=3.0, source="docker", name="start")])
     b = Timeline([Mark(at=1.0, source="nemesis", name="kill")])
     assert [m.at for m in Timeline.merge(a, b)] == [1.0, 3.0]
+
+
+def test_rates_bucket_what_the_clients_saw() -> None:
+    ev = Event("e1", "p1", "t1", datetime(2024, 5, 1, tzinfo=UTC), 1.0, 1.0, 0.0, 1.0)
+    history = History(
+        [
+            Operation("w", "u", 10.0, 10.1, Outcome.OK, (ev, ev), 202),
+            Operation("w", "u", 10.2, 10.4, Outcome.UNKNOWN, (ev,), 503),
+            Operation("w", "u", 10.5, 11.2, Outcome.OK, (ev,), 202),
+        ]
+    )
+    assert history.rates(bucket_s=0.5) == [
+        {"t": 10.0, "acked": 4.0, "batches": 2, "errors": 1},
+        {"t": 11.0, "acked": 2.0, "batches": 1, "errors": 0},
+    ]

@@ -114,3 +114,39 @@ def test_empty_run_renders(tmp_path: Path) -> None:
 
 def test_timeline_svg_is_empty_without_marks() -> None:
     assert timeline_svg([]) == ""
+
+
+def test_fault_scenarios_get_a_recovery_row_and_a_picture(tmp_path: Path) -> None:
+    fault = {
+        "name": "cut aggregator-nats",
+        "detail": "aggregator_nats1",
+        "started_at": 100.0,
+        "effect_s": 1.2,
+        "healed_at": 110.0,
+        "heal_s": 0.1,
+        "duration_s": 10.0,
+    }
+    clients = [{"t": 98.0 + i, "acked": 500, "batches": 5, "errors": i % 2} for i in range(20)]
+    lag = [(98.0 + i / 2, None if i == 7 else i * 10) for i in range(40)]
+    report = RunReport(tmp_path, "run-1", seed=1)
+    report.add_scenario(
+        "scenarios/test_partitions.py::test_cut",
+        "passed",
+        30.0,
+        None,
+        {
+            "faults": [fault],
+            "recovery_s": 5.5,
+            "ready_again_s": 2.0,
+            "clients_over_time": clients,
+            "consumer_lag": lag,
+        },
+    )
+    row = report.to_dict()["recovery"][0]
+    assert row["faults"] == ["cut aggregator-nats (aggregator_nats1)"]
+    assert (row["effect_s"], row["held_s"], row["recovery_s"]) == (1.2, 10.0, 5.5)
+    page = report.write().read_text()
+    assert "<h2>Faults and recovery</h2>" in page and "5.50s" in page
+    assert (
+        "Fault scenarios over time" in page and "consumer lag" in page and "lag unreadable" in page
+    )
