@@ -28,7 +28,7 @@ from toxiproxy.exceptions import NotFound
 from toxiproxy.server import Toxiproxy
 
 from harness.history import Mark, Timeline
-from harness.polling import wait_until
+from harness.polling import DeadlineExceeded, wait_until
 from harness.stack import RUN_LABEL, ComposeStack, Endpoints, StackError
 
 # Proxies by link, as named in stack/images/toxiproxy/proxies.json.
@@ -163,6 +163,8 @@ class ToxiproxyAPI:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
+            if error.code == 503:  # the API's request timeout: the change may still happen
+                raise
             raise NemesisError(
                 f"Toxiproxy {method} {path} answered {error.code}: {error.read()[:300]!r}"
             ) from error
@@ -176,10 +178,30 @@ class ToxiproxyAPI:
         for name in names:
             if name not in proxies:
                 raise NemesisError(f"Toxiproxy has no proxy {name!r}; it has {sorted(proxies)}")
-            if enabled:
-                proxies[name].enable()
-            else:
-                proxies[name].disable()
+            try:
+                if enabled:
+                    proxies[name].enable()
+                else:
+                    proxies[name].disable()
+            except (OSError, ValueError) as error:  # requests' errors, a non-JSON answer
+                self._await_state(name, "enabled", enabled, error)
+
+    def _await_state(self, name: str, key: str, wanted: object, error: BaseException) -> None:
+        """Toxiproxy's API gives up on a request after 25 s (503, empty body) but carries on
+        with the change, e.g. a proxy still closing connections to a crashed server: so a
+        failed call is judged by the proxy's state, polled until it shows the change."""
+        try:
+            wait_until(
+                lambda: self.proxy(name).get(key) == wanted,
+                timeout_s=90,
+                interval_s=0.5,
+                what=f"Toxiproxy proxy {name} with {key} = {wanted!r} after the API answered "
+                f"{error!r}",
+            )
+        except DeadlineExceeded as timeout:
+            raise NemesisError(
+                f"{timeout}; is the Toxiproxy server overloaded or stuck?"
+            ) from error
 
     def add_toxic(self, proxy: str, name: str, kind: str, stream: str, attributes: dict) -> None:
         self.client.proxies()[proxy].add_toxic(
@@ -191,23 +213,13 @@ class ToxiproxyAPI:
         with suppress(NotFound):
             self.client.proxies()[proxy].destroy_toxic(name)
 
-    def set_upstream(self, name: str, upstream: str, attempts: int = 3) -> dict[str, Any]:
+    def set_upstream(self, name: str, upstream: str) -> None:
         """POST /proxies/{name} {"upstream": ...}; Toxiproxy restarts the proxy (its open
-        connections are closed). Toxiproxy can take long to stop a proxy whose connections
-        lead to a vanished server, so a call that timed out, lost its connection or got a
-        cut-off answer is checked and retried."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._request("POST", f"/proxies/{name}", {"upstream": upstream}, 30)
-            except (OSError, ValueError) as error:  # URLError, timeouts, resets; bad JSON
-                if self.proxy(name).get("upstream") == upstream:
-                    return self.proxy(name)
-                if attempt == attempts:
-                    raise NemesisError(
-                        f"Toxiproxy did not move {name} to {upstream} in {attempts} attempts: "
-                        f"{error!r}"
-                    ) from error
-        raise AssertionError("unreachable")
+        connections are closed), which can outlast the API's own request timeout."""
+        try:
+            self._request("POST", f"/proxies/{name}", {"upstream": upstream}, 30)
+        except (OSError, ValueError) as error:  # URLError, timeouts, resets; a non-JSON answer
+            self._await_state(name, "upstream", upstream, error)
 
 
 def _run_all(steps: Sequence[Callable[[], object]]) -> None:

@@ -133,10 +133,6 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
     assert ledger.undelivered(status), f"the probes' ledgers show nothing lost: {status}"
 
 
-# Out of the CI selection until its heal is reliable: in one of two fresh-clone CI runs,
-# moving the postgres proxies back after the failover got a non-JSON answer from Toxiproxy and
-# the stack stayed broken for the scenarios after it. Run it with `-m failover`.
-@pytest.mark.slow
 @pytest.mark.failover
 @pytest.mark.parametrize(
     "reconfigured_stack",
@@ -145,7 +141,14 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
     ids=["asynchronous_replication"],
 )
 def test_asynchronous_replication_fails_the_failover_scenario(
-    reconfigured_stack, client, generator, nemesis, verifier, history, scenario_details
+    reconfigured_stack,
+    probes_stopped,
+    client,
+    generator,
+    nemesis,
+    verifier,
+    history,
+    scenario_details,
 ):
     """With asynchronous replication, commits acknowledged while the standby was cut off exist
     only on the crashed primary: the failover scenario must report the lost windows."""
