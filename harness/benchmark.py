@@ -11,7 +11,6 @@ self-contained benchmark.html (inline SVG plots) under reports/out/<run-id>/.
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.load import LoadResult, LoadSpec, Slo, run_load, run_step, step_rates
+from harness.report import inline_svg
 from harness.stack import STATE_DIR, ComposeStack, StackSettings, new_run_id
 
 # A stage "holds" when the pipeline keeps up end to end: nearly everything acknowledged, the
@@ -151,25 +151,13 @@ def measure(
 # --- the page ---------------------------------------------------------------------------------
 
 
-def _svg(fig: Any) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg") :]
-
-
 def plots(results: Mapping[str, Any]) -> dict[str, str]:
     """Inline SVG plots: step stages, latency at 50/90 %, and the 90 % run over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state
 
     out: dict[str, str] = {}
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.subplots()
     for key, r in results["replicas"].items():
         xs = [s["rate"] for s in r["stages"]]
         ys = [s["run"]["events_per_s"] for s in r["stages"]]
@@ -183,8 +171,9 @@ def plots(results: Mapping[str, Any]) -> dict[str, str]:
     ax.set_ylabel("acknowledged events/s")
     ax.set_title("Step search (labels: freshness p95)")
     ax.legend(fontsize=8)
-    out["step"] = _svg(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    out["step"] = inline_svg(fig)
+    fig = Figure(figsize=(9, 3.5), layout="constrained")
+    axes = fig.subplots(1, 2)
     for key, r in results["replicas"].items():
         for share, axis in (("at_50pct", axes[0]), ("at_90pct", axes[1])):
             run = r.get(share)
@@ -210,7 +199,7 @@ def plots(results: Mapping[str, Any]) -> dict[str, str]:
             axis.set_xlabel("s")
     for axis in axes:
         axis.legend(fontsize=7)
-    out["steady"] = _svg(fig)
+    out["steady"] = inline_svg(fig)
     return out
 
 

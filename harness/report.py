@@ -208,7 +208,7 @@ def _label(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _inline_svg(fig: Any) -> str:
+def inline_svg(fig: Any) -> str:
     """A matplotlib figure as an <svg> element to inline in HTML (no prologue, no metadata)."""
     import matplotlib
 
@@ -252,7 +252,7 @@ def timeline_svg(marks: Sequence[Mapping[str, Any]], started_at: float | None = 
         ax.set_ylim(-0.7, len(sources) - 0.2)
         ax.set_xlabel("seconds since the run started")
         ax.grid(axis="x", alpha=0.3)
-    return _inline_svg(fig)
+    return inline_svg(fig)
 
 
 # --- the page -------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def fault_svg(details: Mapping[str, Any]) -> str:
         ax.legend(fontsize=7, loc="upper left")
     names = ", ".join(f["name"] for f in faults) or "no fault"
     backlog.set_xlabel(f"seconds into the scenario (red: {names}; green: recovery)")
-    return _inline_svg(fig)
+    return inline_svg(fig)
 
 
 def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
@@ -441,7 +441,7 @@ def load_svg(doc: Mapping[str, Any]) -> str:
             "seconds into the load"
             + (f" (fault: {doc['fault']['name']})" if doc.get("fault") else "")
         )
-    return _inline_svg(fig)
+    return inline_svg(fig)
 
 
 def render(run_dir: str | os.PathLike[str]) -> Path:
