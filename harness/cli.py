@@ -1,9 +1,10 @@
 """The command-line face of the harness:
-`python -m harness up|down|status|run|report|build|load|benchmark`."""
+`python -m harness up|down|status|run|report|build|fault|load|benchmark`."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,41 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return benchmark.command(args)
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    """Hold a named fault on the kept stack, then heal; print when it took effect and healed."""
+    import threading
+
+    from harness.history import Timeline
+    from harness.nemesis import NAMED_FAULTS, Nemesis
+
+    stack = _dev_stack()
+    endpoints = stack.up()  # the kept stack; brought up first if it is not running
+    timeline = Timeline()
+    nemesis = Nemesis(stack, endpoints, timeline)
+    print(f"{args.name} on {stack.name} for {args.hold:g} s (Ctrl-C heals at once)", flush=True)
+    _interrupt_on(signal.SIGINT, signal.SIGTERM)
+    try:
+        with NAMED_FAULTS[args.name](nemesis):
+            threading.Event().wait(args.hold)  # the fault's length is the user's choice
+    except KeyboardInterrupt:
+        print("interrupted: healed", file=sys.stderr)
+    for mark in timeline.marks():
+        took = "" if mark.duration_s is None else f" ({mark.duration_s:.2f} s)"
+        print(f"{mark.name}: {mark.detail}{took}")
+    return 0
+
+
+def _interrupt_on(*signals: signal.Signals) -> None:
+    """KeyboardInterrupt on these signals, so a fault's context manager heals on the way out
+    (also when started in the background, where SIGINT arrives ignored)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in signals:
+        signal.signal(sig, interrupt)
+
+
 def _stack_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--stack", choices=("compose", "external"), default="compose")
     command.add_argument("--stack-endpoints", type=Path, help="with --stack external")
@@ -142,6 +178,19 @@ def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     bench.add_argument("--report-dir", type=Path, default=ROOT / "reports" / "out")
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
+def _fault_names() -> list[str]:
+    from harness.nemesis import NAMED_FAULTS
+
+    return sorted(NAMED_FAULTS)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -154,6 +203,13 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run's summary (default: the latest run)")
     report.add_argument("run_dir", nargs="?", type=Path)
     sub.add_parser("build", help="build the reference stack's images")
+    fault = sub.add_parser(
+        "fault",
+        help=f"hold a named fault on the kept stack ({REUSE_PROJECT}), then heal it",
+        description="Faults: " + ", ".join(_fault_names()),
+    )
+    fault.add_argument("name", choices=_fault_names(), metavar="NAME")
+    fault.add_argument("--hold", type=_positive, default=10.0, help="seconds (default 10)")
     _load_parser(sub)
     return top
 
@@ -169,5 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         "build": cmd_build,
         "load": cmd_load,
         "benchmark": cmd_benchmark,
+        "fault": cmd_fault,
     }
     return handlers[args.command](args)

@@ -35,6 +35,7 @@ from typing import Any
 
 from harness import checker
 from harness.history import Event, History, Operation, Outcome, Timeline
+from harness.nemesis import NAMED_FAULTS
 from harness.polling import wait_until
 from harness.stack import ROOT, STATE_DIR, Endpoints
 
@@ -1098,30 +1099,6 @@ def run_step(
     )
 
 
-# --- chaos under load: the nemesis's faults by name ------------------------------------------
-
-
-@contextlib.contextmanager
-def _killed(nemesis: Any, service: str) -> Any:
-    """SIGKILL a service and bring it back (the window lasts at least until it is healthy)."""
-    nemesis.kill(service)
-    yield
-
-
-FAULTS: dict[str, Callable[[Any], AbstractContextManager[Any]]] = {
-    "cut-ingest-nats": lambda n: n.cut("ingest-nats"),
-    "cut-aggregator-nats": lambda n: n.cut("aggregator-nats"),
-    "cut-aggregator-postgres": lambda n: n.cut("aggregator-postgres"),
-    "latency-ingest-nats": lambda n: n.toxic("ingest-nats", "latency", latency=100, jitter=50),
-    "kill-ingest-1": lambda n: _killed(n, "ingest-1"),
-    "kill-aggregator-1": lambda n: _killed(n, "aggregator-1"),
-    "kill-nats-2": lambda n: _killed(n, "nats-2"),
-    "pause-aggregator-1": lambda n: n.paused("aggregator-1"),
-    "pause-nats-2": lambda n: n.paused("nats-2"),
-}
-"""Faults for chaos under load: name -> (Nemesis -> context manager holding the fault)."""
-
-
 # --- `python -m harness load PROFILE` ---------------------------------------------------------
 
 
@@ -1158,8 +1135,10 @@ def command(args: Any) -> int:
         max_convergence_s=args.max_convergence_s,
     )
     fault_slo = load_slo(args.slo, "chaos.fault") if profile == "chaos" else None
-    if profile == "chaos" and args.fault not in FAULTS:
-        print(f"unknown fault {args.fault!r}; faults are {', '.join(FAULTS)}", file=sys.stderr)
+    if profile == "chaos" and args.fault not in NAMED_FAULTS:
+        print(
+            f"unknown fault {args.fault!r}; faults are {', '.join(NAMED_FAULTS)}", file=sys.stderr
+        )
         return 2
     duration = args.duration if args.duration is not None else (600 if profile == "soak" else 30)
     spec = LoadSpec(
@@ -1236,7 +1215,7 @@ def command(args: Any) -> int:
                     print("chaos under load needs the compose backend", file=sys.stderr)
                     return 2
                 nemesis = Nemesis(stack, endpoints, timeline)
-                fault = lambda: FAULTS[args.fault](nemesis)  # noqa: E731
+                fault = lambda: NAMED_FAULTS[args.fault](nemesis)  # noqa: E731
             result = run_load(
                 endpoints,
                 spec,

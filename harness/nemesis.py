@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -892,3 +892,28 @@ def _label(link: str | Sequence[str]) -> str:
 
 def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}s"
+
+
+# --- faults by name: chaos under load and `python -m harness fault` ---------------------------
+
+
+@contextmanager
+def _killed_and_back(nemesis: Nemesis, service: str) -> Iterator[None]:
+    """SIGKILL a service and bring it back (the window lasts at least until it is healthy)."""
+    nemesis.kill(service)
+    yield
+
+
+NAMED_FAULTS: dict[str, Callable[[Nemesis], AbstractContextManager[Any]]] = {
+    "cut-ingest-nats": lambda n: n.cut("ingest-nats"),
+    "cut-aggregator-nats": lambda n: n.cut("aggregator-nats"),
+    "cut-aggregator-postgres": lambda n: n.cut("aggregator-postgres"),
+    "partition-nats": lambda n: n.partition("nats"),
+    "latency-ingest-nats": lambda n: n.toxic("ingest-nats", "latency", latency=100, jitter=50),
+    "kill-ingest-1": lambda n: _killed_and_back(n, "ingest-1"),
+    "kill-aggregator-1": lambda n: _killed_and_back(n, "aggregator-1"),
+    "kill-nats-2": lambda n: _killed_and_back(n, "nats-2"),
+    "pause-aggregator-1": lambda n: n.paused("aggregator-1"),
+    "pause-nats-2": lambda n: n.paused("nats-2"),
+}
+"""Faults by name: name -> (Nemesis -> context manager holding the fault until it exits)."""

@@ -240,6 +240,7 @@ def recover_after_refusals(
     history: History,
     faults: Sequence[Fault],
     details: dict[str, Any],
+    verify_timeout_s: float = 60.0,
 ) -> Verdict:
     """After a fault ingest refused batches for: the services ready again, the refused
     batches resent like a probe would, then the exactly-once verdict and recovery time."""
@@ -250,7 +251,9 @@ def recover_after_refusals(
     )
     details["ready_again_s"] = round(ready_s, 3)
     client.settle(deadline_s=60)
-    return verify_recovery(verifier, history, list(generator.probes), faults, details)
+    return verify_recovery(
+        verifier, history, list(generator.probes), faults, details, verify_timeout_s
+    )
 
 
 def other_aggregator_carries_on(

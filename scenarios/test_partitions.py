@@ -85,7 +85,14 @@ def test_ingest_nats_partition(
 
 
 def ingest_nats_partition(
-    client, generator: EventGenerator, endpoints, nemesis, verifier, history, scenario_details
+    client,
+    generator: EventGenerator,
+    endpoints,
+    nemesis,
+    verifier,
+    history,
+    scenario_details,
+    verify_timeout_s: float = 60.0,
 ) -> None:
     with workload(client, generator) as load:
         load.progress()
@@ -97,7 +104,15 @@ def ingest_nats_partition(
                 assert took <= PUBLISH_TIMEOUT_S + 1.5, f"503 took {took:.2f}s (hung?)"
             scenario_details["during_fault"] = refused_after_effect(load, cut, history)
     recover_after_refusals(
-        endpoints, INGEST, client, generator, verifier, history, [cut], scenario_details
+        endpoints,
+        INGEST,
+        client,
+        generator,
+        verifier,
+        history,
+        [cut],
+        scenario_details,
+        verify_timeout_s,
     )
 
 

@@ -76,8 +76,16 @@ def test_window_off_by_one_fails_the_ingest_nats_partition_scenario(
     """Any fault scenario's workload puts events on window boundaries (EventGenerator's
     boundary_fraction): the partition scenario's final verdict must name the wrong windows."""
     with pytest.raises(AssertionError) as failed:
+        # A correct stack matches within seconds of healing (test_partitions.py).
         ingest_nats_partition(
-            client, generator, endpoints, nemesis, verifier, history, scenario_details
+            client,
+            generator,
+            endpoints,
+            nemesis,
+            verifier,
+            history,
+            scenario_details,
+            verify_timeout_s=15,
         )
     message = str(failed.value)
     assert "window" in message and any(p in message for p in generator.probes), message

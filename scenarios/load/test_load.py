@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.load import FAULTS, LoadResult, LoadSpec, load_slo, run_load, run_step
+from harness.load import LoadResult, LoadSpec, load_slo, run_load, run_step
+from harness.nemesis import NAMED_FAULTS
 from harness.pytest_plugin import VERDICT_KEY, Run
 from harness.stack import Endpoints
 
@@ -49,7 +50,7 @@ def test_steady_load(
     "fault",
     [
         pytest.param(name, marks=() if name == CI_FAULT else pytest.mark.slow, id=name)
-        for name in FAULTS
+        for name in NAMED_FAULTS
     ],
 )
 def test_chaos_under_load(
@@ -71,7 +72,7 @@ def test_chaos_under_load(
         prefix=f"{probe_prefix}L",
         slo=load_slo(profile="chaos"),
         fault_slo=load_slo(profile="chaos.fault"),
-        fault=lambda: FAULTS[fault](nemesis),
+        fault=lambda: NAMED_FAULTS[fault](nemesis),
         fault_name=fault,
         fault_at_s=8,
         fault_for_s=8,
