@@ -21,7 +21,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from harness.load import LoadResult, LoadSpec, Slo, run_load, run_step, step_rates
+from harness.load import (
+    LOAD_HEALTH_INTERVAL_S,
+    LoadResult,
+    LoadSpec,
+    Slo,
+    run_load,
+    run_step,
+    step_rates,
+)
 from harness.report import inline_svg
 from harness.stack import STATE_DIR, ComposeStack, StackSettings, new_run_id
 
@@ -106,7 +114,7 @@ def measure(
     stack = ComposeStack(
         run_id=f"{new_run_id()}-r{replicas}",
         state_dir=STATE_DIR,
-        settings=StackSettings(stream_replicas=replicas, health_interval_s=10),
+        settings=StackSettings(stream_replicas=replicas, health_interval_s=LOAD_HEALTH_INTERVAL_S),
     )
     base = LoadSpec(
         rate=0, duration_s=stage_s, batch_size=batch, probes=50, targets=5, workers=workers

@@ -1,5 +1,5 @@
-"""Load runs measure the platform, not Docker: on a small machine the 1 s healthchecks of the
-scenarios' stack (one `docker exec` per container per second) take most of a core."""
+"""The load tests run on the scenarios' stack recreated with the load runs' healthcheck
+interval (harness.load.LOAD_HEALTH_INTERVAL_S), restored afterwards."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import replace
 
 import pytest
 
+from harness.load import LOAD_HEALTH_INTERVAL_S
 from harness.stack import ComposeStack, ExternalStack
-
-LOAD_HEALTH_INTERVAL_S = 10  # as `python -m harness benchmark`
 
 
 @pytest.fixture(scope="module", autouse=True)
