@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import httpx
@@ -320,43 +320,64 @@ def sessions(db: Any) -> list[str]:
 
 @contextmanager
 def caught_mid_transaction(
-    nemesis: Any, db: Any, make_fault: Any, attempts: int = 8
+    nemesis: Any,
+    db: Any,
+    service: str,
+    then: Callable[[], AbstractContextManager[Fault]] | None = None,
+    attempts: int = 16,
 ) -> Iterator[Fault]:
-    """Enter the fault `make_fault()` (a pause or hard partition of one aggregator) at a moment
-    that aggregator is inside its batch transaction, holding row locks; retried (healing the
-    fault each time) until caught. Slow database answers (a latency toxic, removed once the
-    fault is in) keep transactions open long enough to aim at."""
+    """Freeze `service` (an aggregator) at a moment it is inside its batch transaction,
+    holding row locks, and yield that pause; or, with `then`, enter the fault `then()` (a hard
+    partition, say) while it is frozen, unfreeze it, and yield that fault instead.
+
+    Both aggregators share one database role, so whose transaction is open shows only once
+    one is frozen: with slow database answers (a latency toxic, removed once caught) a
+    healthy transaction waits ~1 s for each answer, and one left idle for 1.8 s is the
+    frozen one's. A miss is unfrozen within ~3.5 s, before the server's 5 s idle-in-
+    transaction timeout ends its session (it could not reconnect through the toxic) and well
+    inside the ack wait, so it leaves no trace but a short pause, recorded as a fault like
+    any other; the next attempt aims again."""
+    misses: list[str] = []
     for attempt in range(1, attempts + 1):
-        with ExitStack() as stack:
-            with nemesis.latency("aggregator-postgres", 1000, stream="downstream"):
-                wait_until(
-                    lambda: writing_transactions(db) >= 1,
-                    timeout_s=30,
-                    what="an aggregator inside a batch transaction",
-                )
-                fault = stack.enter_context(make_fault())
-            try:
-                # Without the toxic a healthy transaction ends in milliseconds: an idle one
-                # that has written and is 3 s old belongs to the faulted aggregator.
-                wait_until(
-                    lambda: idle_writing_transactions(db, older_than_s=3) >= 1,
-                    timeout_s=6,
-                    what="the faulted aggregator's transaction left open",
-                )
-            except DeadlineExceeded:
-                continue  # missed it: heal (ExitStack) and aim again
+        with ExitStack() as held:
+            with ExitStack() as aim:
+                with nemesis.latency("aggregator-postgres", 1000, stream="downstream"):
+                    wait_until(
+                        lambda: writing_transactions(db) >= 1,
+                        timeout_s=30,
+                        what="an aggregator inside a batch transaction",
+                        describe=lambda: f"database sessions {sessions(db)}",
+                    )
+                    freeze = aim.enter_context(nemesis.paused(service))
+                    try:
+                        wait_until(
+                            lambda: idle_writing_transactions(db, idle_for_s=1.8) >= 1,
+                            timeout_s=2,
+                            what=f"{service}'s transaction left open",
+                        )
+                    except DeadlineExceeded:
+                        misses.append(f"attempt {attempt}: {sessions(db)}")
+                        continue  # not inside one: unfreeze and aim again
+                if then is None:
+                    fault = freeze
+                    held.enter_context(aim.pop_all())
+                else:
+                    fault = held.enter_context(then())
+            # `aim` has unfrozen the service unless the freeze is the fault
             fault.notes["caught_mid_transaction_attempt"] = attempt
             yield fault
             return
     raise AssertionError(
-        f"could not fault an aggregator inside its batch transaction in {attempts} attempts"
+        f"could not catch {service} inside its batch transaction in {attempts} attempts; "
+        "database sessions after each miss:\n  " + "\n  ".join(misses)
     )
 
 
-def idle_writing_transactions(db: Any, older_than_s: float) -> int:
+def idle_writing_transactions(db: Any, idle_for_s: float) -> int:
+    """Aggregator transactions that have written and then waited `idle_for_s` for the client."""
     return db.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'aggregator' "
         "AND state = 'idle in transaction' AND backend_xid IS NOT NULL "
-        "AND now() - xact_start >= make_interval(secs => %s)",
-        (older_than_s,),
+        "AND now() - state_change >= make_interval(secs => %s)",
+        (idle_for_s,),
     ).fetchone()[0]

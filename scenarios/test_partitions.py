@@ -305,7 +305,7 @@ def test_hard_partition_of_an_aggregator_mid_transaction(
     with workload(client, generator) as load:
         load.progress()
         with caught_mid_transaction(
-            nemesis, db, lambda: nemesis.disconnected("aggregator-1")
+            nemesis, db, "aggregator-1", then=lambda: nemesis.disconnected("aggregator-1")
         ) as cut:
             stalled = other_aggregator_carries_on(
                 endpoints,

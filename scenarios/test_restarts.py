@@ -86,7 +86,7 @@ def test_pause_an_aggregator_past_the_ack_wait(
     ack_wait_s = nemesis.stack.settings.ack_wait_s
     with workload(client, generator) as load:
         load.progress()
-        with caught_mid_transaction(nemesis, db, lambda: nemesis.paused("aggregator-1")) as pause:
+        with caught_mid_transaction(nemesis, db, "aggregator-1") as pause:
             stalled = other_aggregator_carries_on(
                 endpoints,
                 db,
