@@ -80,12 +80,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from harness import load
 
+    _interrupt_on(signal.SIGINT, signal.SIGTERM)
     return load.command(args)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from harness import benchmark
 
+    _interrupt_on(signal.SIGINT, signal.SIGTERM)
     return benchmark.command(args)
 
 
@@ -114,8 +116,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
 
 
 def _interrupt_on(*signals: signal.Signals) -> None:
-    """KeyboardInterrupt on these signals, so a fault's context manager heals on the way out
-    (also when started in the background, where SIGINT arrives ignored)."""
+    """KeyboardInterrupt on these signals, so faults heal and stacks come down on the way out
+    (also when started in the background, where SIGINT arrives ignored). Not for `run`:
+    its pytest child gets the signal itself and cleans up."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

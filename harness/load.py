@@ -1124,8 +1124,6 @@ def command(args: Any) -> int:
     Exit status 0 when every SLO held and the exactly-once check passed, 1 otherwise (each
     breach is printed with its threshold, limit and measured value), 2 for usage errors.
     """
-    import signal
-
     from harness.report import RunReport
     from harness.stack import ComposeStack, ExternalStack, StackSettings, new_run_id
 
@@ -1183,10 +1181,6 @@ def command(args: Any) -> int:
         command="python -m harness " + " ".join(sys.argv[1:]),
     )
 
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
     started = time.time()
     ok = False
     verdict: checker.Verdict | None = None

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 import nats
 from nats.js.api import StreamConfig
 
+from harness.polling import wait_until
+
 T = TypeVar("T")
 STREAM = "QOE_EVENTS"
 CONSUMER = "aggregator"
@@ -70,6 +72,12 @@ class JetStreamAdmin:
             return int((await js.consumer_info(self.stream, consumer)).ack_floor.stream_seq)
 
         return self._call(info)
+
+    def await_acknowledged(self, what: str, timeout_s: float = 30) -> float:
+        """Wait until the consumer has acknowledged everything stored now; seconds waited."""
+        stored = self.last_sequence()
+        _, took = wait_until(lambda: self.ack_floor() >= stored, timeout_s=timeout_s, what=what)
+        return took
 
     def consumer_pending(self, consumer: str = CONSUMER) -> tuple[int, int]:
         """(messages not yet delivered, delivered but not yet acknowledged)."""

@@ -45,12 +45,8 @@ def test_aggregator_without_dedup_fails_the_cut_off_answer_scenario(
 ):
     resend_after_a_cut_off_answer(client, endpoints, generator, nemesis)
     # The database equals the oracle until the resend is folded in: observe after that.
-    admin = JetStreamAdmin(endpoints.nats_urls)
-    stored = admin.last_sequence()
-    wait_until(
-        lambda: admin.ack_floor() >= stored,
-        timeout_s=30,
-        what="the aggregators acknowledging the resend",
+    JetStreamAdmin(endpoints.nats_urls).await_acknowledged(
+        "the aggregators acknowledging the resend"
     )
     assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
 
@@ -109,12 +105,9 @@ def test_aggregator_acking_before_commit_fails_the_database_partition_scenario(
     admin = JetStreamAdmin(endpoints.nats_urls)
     with nemesis.cut("aggregator-postgres"):
         assert client.send(generator.batch(200)).outcome is Outcome.OK
-        ours = admin.last_sequence()
         # The seeded aggregator acknowledges what it could not commit; a correct one never does.
-        wait_until(
-            lambda: admin.ack_floor() >= ours,
-            timeout_s=30,
-            what="the aggregators acknowledging the batch while the database is cut off",
+        admin.await_acknowledged(
+            "the aggregators acknowledging the batch while the database is cut off"
         )
         for service in ("aggregator-1", "aggregator-2"):
             nemesis.kill(service, await_healthy=False)
