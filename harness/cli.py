@@ -143,7 +143,11 @@ def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="run a locust load profile with SLO gates and the exactly-once check",
         description="Exit status 1 names each breached threshold with its limit and value.",
     )
-    load.add_argument("profile", choices=("steady", "step", "soak", "chaos"))
+    load.add_argument(
+        "profile",
+        choices=("steady", "step", "soak", "chaos", "worker"),
+        help="worker: a locust worker for a master on another machine (--master)",
+    )
     load.add_argument("--rate", type=float, default=2000, help="offered events/s (step: start)")
     load.add_argument("--duration", type=float, help="seconds (step: per stage; soak: 600)")
     load.add_argument("--users", type=int, default=0, help="locust users (default: from rate)")
@@ -152,6 +156,16 @@ def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     load.add_argument("--targets", type=int, default=5, help="targets per probe")
     load.add_argument("--degraded", type=float, default=0.2, help="degraded pair fraction")
     load.add_argument("--workers", type=int, default=0, help="distributed: N locust workers")
+    load.add_argument(
+        "--remote-workers", type=int, default=0, help="distributed: workers started elsewhere"
+    )
+    load.add_argument(
+        "--master-bind", help="the master's address (default 0.0.0.0 with remote workers)"
+    )
+    load.add_argument("--master-port", type=int, help="default 5557 with remote workers")
+    load.add_argument("--master", help="worker: the master's HOST:PORT")
+    load.add_argument("--ingest", help="worker: ingest URLs as this machine reaches them")
+    load.add_argument("--out", type=Path, help="worker: its outcome folder")
     load.add_argument("--step-factor", type=float, default=1.5, help="step: rate multiplier")
     load.add_argument("--max-rate", type=float, default=50_000, help="step: last rate tried")
     load.add_argument("--fault", default="cut-ingest-nats", help="chaos: the fault to inject")

@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 LOCUSTFILE = ROOT / "scenarios" / "load" / "locustfile.py"
+REMOTE_WORKER_WAIT_S = 300  # how long a master waits for workers started by hand elsewhere
 DEFAULT_SLO_FILE = ROOT / "scenarios" / "load" / "slo.toml"
 SENTINEL_TARGET = "freshness"
 
@@ -79,8 +80,15 @@ class LoadSpec:
     targets: int = 5  # per probe
     degraded: float = 0.2  # fraction of (probe, target) pairs on a degraded link
     workers: int = 0  # 0: one local locust process; N: a master and N worker processes
+    remote_workers: int = 0  # workers the master waits for from other machines
+    master_bind: str = "127.0.0.1"  # the master's address (all interfaces: 0.0.0.0)
+    master_port: int = 0  # 0: a free port
     timeout_s: float = 5.0
     resends: int = 3  # an unknown batch is resent with the same ids (as a probe would)
+
+    @property
+    def distributed(self) -> bool:
+        return self.workers + self.remote_workers > 0
 
     def user_count(self) -> int:
         if self.users > 0:
@@ -142,10 +150,7 @@ class LocustProcesses:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.users = spec.user_count()
         self.env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
+            **_locust_environment(),
             "QOE_LOAD_URLS": ",".join(urls),
             "QOE_LOAD_TOKEN": token,
             "QOE_LOAD_PREFIX": prefix,
@@ -184,7 +189,7 @@ class LocustProcesses:
             "--exit-code-on-error",
             "0",
         ]
-        if not self.spec.workers:
+        if not self.spec.distributed:
             return [base + run]
         assert master_port is not None
         master = [
@@ -192,24 +197,30 @@ class LocustProcesses:
             *run,
             "--master",
             "--master-bind-host",
-            "127.0.0.1",
+            self.spec.master_bind,
             "--master-bind-port",
             str(master_port),
             "--expect-workers",
-            str(self.spec.workers),
+            str(self.spec.workers + self.spec.remote_workers),
+            "--expect-workers-max-wait",
+            str(REMOTE_WORKER_WAIT_S if self.spec.remote_workers else 60),
         ]
+        # Workers on this machine reach a master bound to every interface on the loopback.
+        reach = "127.0.0.1" if self.spec.master_bind in ("0.0.0.0", "*") else self.spec.master_bind
         worker = [
             *base,
             "--worker",
             "--master-host",
-            "127.0.0.1",
+            reach,
             "--master-port",
             str(master_port),
         ]
         return [master] + [worker] * self.spec.workers
 
     def start(self) -> LocustProcesses:
-        port = _free_port() if self.spec.workers else None
+        port = None
+        if self.spec.distributed:
+            port = self.spec.master_port or _free_port()
         self.started_at = time.time()
         for i, command in enumerate(self.commands(port)):
             log = (self.out_dir / f"locust-{i}.log").open("wb")
@@ -235,6 +246,8 @@ class LocustProcesses:
 
     def wait(self, timeout_s: float | None = None) -> LocustRun:
         limit = timeout_s if timeout_s is not None else self.spec.duration_s + 60
+        if self.spec.remote_workers and timeout_s is None:
+            limit += REMOTE_WORKER_WAIT_S
         try:
             wait_until(
                 lambda: not self.running(),
@@ -290,6 +303,42 @@ class LocustProcesses:
         self.stop()
 
 
+def _locust_environment() -> dict[str, str]:
+    """This environment, with the repository importable (the locustfile imports harness)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def run_worker(
+    master: str, out_dir: Path, ingest_urls: str = "", python: str = sys.executable
+) -> int:
+    """One locust worker for a master elsewhere (``load ... --remote-workers``), in the foreground.
+
+    It takes the run's settings from the master, keeps its outcome file in ``out_dir`` and ships
+    it to the master as it grows. ``ingest_urls``: the ingest as this machine reaches it, when
+    that differs from the master's URLs. Returns locust's exit status.
+    """
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--master must be HOST:PORT (the master's --master-bind), got {master!r}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **_locust_environment(),
+        "QOE_LOAD_OUT": str(out_dir),
+        "QOE_LOAD_SHIP": "1",
+        "QOE_LOAD_WORKER_URLS": ingest_urls,
+    }
+    command = [python, "-m", "locust", "-f", str(LOCUSTFILE), "--worker"]
+    command += ["--master-host", host, "--master-port", port, "--loglevel", "INFO"]
+    print(f"locust worker for the master at {master}; outcome file in {out_dir}", flush=True)
+    proc = subprocess.Popen(command, env=env, cwd=ROOT)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
 def read_outcomes(out_dir: Path, ended_at: float | None = None) -> History:
     """Merge every worker's outcome file into one History.
 
@@ -297,6 +346,15 @@ def read_outcomes(out_dir: Path, ended_at: float | None = None) -> History:
     A truncated last line is skipped: the locustfile flushes the invocation before sending,
     so a request is never sent without its whole invocation line on disk.
     """
+    for marker in sorted(Path(out_dir).glob("outcomes-*.shipped.json")):
+        shipped = json.loads(marker.read_text())
+        if not shipped["complete"]:
+            raise ValueError(
+                f"{marker.name}: the worker on {shipped['origin']} stopped shipping its outcomes "
+                "before the end of the run (it died or lost the master), so the history misses "
+                "its last batches and the run cannot be checked; its own outcome file on that "
+                "machine holds them"
+            )
     files = sorted(Path(out_dir).glob("outcomes-*.jsonl"))
     ops: list[Operation] = []
     for path in files:
@@ -970,7 +1028,7 @@ def _inject(
     """Wait until ``at_s`` into the load, hold the fault for ``for_s``, heal; return its window."""
     wait_until(
         lambda: locust.sending() or not locust.running(),
-        timeout_s=60,
+        timeout_s=60 + (REMOTE_WORKER_WAIT_S if locust.spec.remote_workers else 0),
         what="the first batch of the load",
         describe=locust.log_tail,
     )
@@ -1128,6 +1186,12 @@ def command(args: Any) -> int:
     from harness.stack import ComposeStack, ExternalStack, StackSettings, new_run_id
 
     profile = args.profile
+    if profile == "worker":
+        if not args.master:
+            print("load worker needs --master HOST:PORT (the master's address)", file=sys.stderr)
+            return 2
+        out = args.out or Path(args.report_dir) / f"worker-{time.strftime('%Y%m%d-%H%M%S')}"
+        return run_worker(args.master, out, args.ingest or "")
     slo = load_slo(args.slo, "chaos" if profile == "chaos" else profile).overridden(
         max_error_rate=args.max_error_rate,
         max_p95_ms=args.max_p95_ms,
@@ -1152,7 +1216,18 @@ def command(args: Any) -> int:
         targets=args.targets,
         degraded=args.degraded,
         workers=args.workers,
+        remote_workers=args.remote_workers,
+        master_bind=args.master_bind or ("0.0.0.0" if args.remote_workers else "127.0.0.1"),
+        master_port=args.master_port or (5557 if args.remote_workers else 0),
     )
+    if spec.remote_workers:
+        print(
+            f"the master waits up to {REMOTE_WORKER_WAIT_S} s for {spec.remote_workers} remote "
+            f"worker(s): on each machine run `python -m harness load worker --master "
+            f"<this host>:{spec.master_port}` (add --ingest URL when it reaches the ingest at "
+            "another address than this machine does)",
+            flush=True,
+        )
     run_id = new_run_id()
     run_dir = Path(args.report_dir) / run_id
     out_dir = run_dir / "load"
@@ -1237,6 +1312,10 @@ def command(args: Any) -> int:
     except KeyboardInterrupt:
         print("interrupted: tearing the stack down", file=sys.stderr)
         return 130
+    except (RuntimeError, ValueError) as exc:  # locust failed, or its outcomes are incomplete
+        text = f"load {profile} could not be checked: {exc}"
+        print(text, file=sys.stderr)
+        return 1
     finally:
         stack.down()
         report.add_scenario(

@@ -1,13 +1,15 @@
 """Locust users that behave like QoE probes, and record the outcome of every batch they send.
 
 Run by the harness (harness/load.py) in its own process(es), never inside pytest: locust
-monkey-patches the standard library with gevent. Configured through environment variables
-(the harness sets them; the token never goes on a command line):
+monkey-patches the standard library with gevent.
+
+Settings are locust options (``--qoe-*``) that default to environment variables, so the token
+never goes on a command line. Locust forwards them from the master to every worker, so a worker
+on another machine needs only the master's address (``python -m harness load worker``):
 
     QOE_LOAD_URLS        comma list of ingest base URLs (users are spread over them)
     QOE_LOAD_TOKEN       bearer token
     QOE_LOAD_PREFIX      run prefix: event ids <prefix>.<worker>.<user>.<n>, probes <prefix>-p<k>
-    QOE_LOAD_OUT         folder for this worker's outcome file (outcomes-<worker>.jsonl)
     QOE_LOAD_RATE        offered events/s over all users and workers (0: as fast as answered)
     QOE_LOAD_USERS       total users (to split the rate between them)
     QOE_LOAD_DURATION    seconds of load, counted from the first tick of the test (not from
@@ -19,10 +21,20 @@ monkey-patches the standard library with gevent. Configured through environment 
     QOE_LOAD_TIMEOUT     request timeout in seconds (default 5)
     QOE_LOAD_RESENDS     times an unknown batch is resent with the same ids (default 3)
 
+Each process's own environment, never forwarded:
+
+    QOE_LOAD_OUT         folder for this process's outcome file (outcomes-<worker>.jsonl); on
+                         the master, the folder that receives shipped outcome files
+    QOE_LOAD_SHIP        1: also send the outcome file to the master as it grows (a worker on
+                         another machine, whose folder the harness cannot read)
+    QOE_LOAD_WORKER_URLS ingest URLs as this worker's machine reaches them (default: the master's)
+
 The outcome file is JSON lines, written and flushed as it happens, so a killed worker loses
 nothing it sent: an invocation line {"i": n, "t": time, "u": url, "p": process, "b": body}
 before the request, a completion line {"c": n, "t": time, "o": ok|fail|unknown, "s": status,
-"x": error} after it. An invocation without a completion is an unknown outcome.
+"x": error} after it. An invocation without a completion is an unknown outcome. A shipped file
+arrives in chunks of whole lines, at least once a second; the master keeps beside it
+outcomes-<worker>.shipped.json, which says where it came from and whether its last chunk came.
 """
 
 from __future__ import annotations
@@ -33,50 +45,106 @@ import random
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+import gevent
 from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
 from harness.workload import classify_status
 
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default).strip() or default
-
-
-URLS = [u.rstrip("/") + "/v1/events" for u in _env("QOE_LOAD_URLS", "").split(",") if u.strip()]
-TOKEN = os.environ.get("QOE_LOAD_TOKEN", "")
-PREFIX = _env("QOE_LOAD_PREFIX", "load")
-OUT_DIR = _env("QOE_LOAD_OUT", ".")
-RATE = float(_env("QOE_LOAD_RATE", "0"))
-USERS = max(1, int(_env("QOE_LOAD_USERS", "1")))
-DURATION = float(_env("QOE_LOAD_DURATION", "30"))
-BATCH = max(1, int(_env("QOE_LOAD_BATCH", "200")))
-PROBES = max(1, int(_env("QOE_LOAD_PROBES", "20")))
-TARGETS = max(1, int(_env("QOE_LOAD_TARGETS", "5")))
-DEGRADED = float(_env("QOE_LOAD_DEGRADED", "0.2"))
-TIMEOUT = float(_env("QOE_LOAD_TIMEOUT", "5"))
-RESENDS = int(_env("QOE_LOAD_RESENDS", "3"))
-
 WORKER = f"w{os.getpid()}{secrets.token_hex(2)}"
-HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+OUT_DIR = os.environ.get("QOE_LOAD_OUT", "").strip() or "."
+SHIP = os.environ.get("QOE_LOAD_SHIP", "") == "1"
+WORKER_URLS = os.environ.get("QOE_LOAD_WORKER_URLS", "").strip()
+SHIP_INTERVAL_S = 1.0
+SHIP_MESSAGE = "qoe_outcomes"
 
 # Value ranges (rtt_ms, jitter_ms, loss_pct, throughput_kbps) as in harness.workload: a degraded
 # link trips high_latency, high_jitter and low_throughput (CONTRACT.md rules).
 HEALTHY = ((5.0, 80.0), (0.1, 8.0), (0.0, 0.5), (5_000.0, 100_000.0))
 DEGRADED_RANGES = ((160.0, 600.0), (31.0, 120.0), (0.0, 1.5), (50.0, 950.0))
 
+OPTIONS = (  # (option, environment variable, default)
+    ("urls", "QOE_LOAD_URLS", ""),
+    ("token", "QOE_LOAD_TOKEN", ""),
+    ("prefix", "QOE_LOAD_PREFIX", "load"),
+    ("rate", "QOE_LOAD_RATE", "0"),
+    ("users", "QOE_LOAD_USERS", "1"),
+    ("duration", "QOE_LOAD_DURATION", "30"),
+    ("batch", "QOE_LOAD_BATCH", "200"),
+    ("probes", "QOE_LOAD_PROBES", "20"),
+    ("targets", "QOE_LOAD_TARGETS", "5"),
+    ("degraded", "QOE_LOAD_DEGRADED", "0.2"),
+    ("timeout", "QOE_LOAD_TIMEOUT", "5"),
+    ("resends", "QOE_LOAD_RESENDS", "3"),
+)
 
-def _pair_profiles() -> dict[tuple[str, str], tuple[tuple[float, float], ...]]:
-    """Every worker derives the same (probe, target) -> profile map from the prefix."""
-    rng = random.Random(PREFIX)
-    pairs = [(f"{PREFIX}-p{p}", f"t{t}.example.net") for p in range(PROBES) for t in range(TARGETS)]
-    degraded = set(rng.sample(range(len(pairs)), round(DEGRADED * len(pairs))))
-    return {pair: DEGRADED_RANGES if i in degraded else HEALTHY for i, pair in enumerate(pairs)}
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser: Any) -> None:
+    for name, env, default in OPTIONS:
+        parser.add_argument(f"--qoe-{name}", env_var=env, default=default, include_in_web_ui=False)
 
 
-PAIRS = _pair_profiles()
-PAIR_LIST = list(PAIRS)
+@dataclass(frozen=True)
+class Settings:
+    """The run's settings, as the master has them (a worker gets them with its first spawn)."""
+
+    urls: tuple[str, ...]
+    token: str
+    prefix: str
+    rate: float
+    users: int
+    duration: float
+    batch: int
+    probes: int
+    targets: int
+    degraded: float
+    timeout: float
+    resends: int
+
+    @classmethod
+    def of(cls, options: Any) -> Settings:
+        def opt(name: str) -> str:
+            return str(getattr(options, f"qoe_{name}", "") or "").strip()
+
+        urls = WORKER_URLS or opt("urls")
+        return cls(
+            urls=tuple(u.rstrip("/") + "/v1/events" for u in urls.split(",") if u.strip()),
+            token=opt("token"),
+            prefix=opt("prefix") or "load",
+            rate=float(opt("rate") or 0),
+            users=max(1, int(opt("users") or 1)),
+            duration=float(opt("duration") or 30),
+            batch=max(1, int(opt("batch") or 200)),
+            probes=max(1, int(opt("probes") or 20)),
+            targets=max(1, int(opt("targets") or 5)),
+            degraded=float(opt("degraded") or 0.2),
+            timeout=float(opt("timeout") or 5),
+            resends=int(opt("resends") or 3),
+        )
+
+    def pair_profiles(self) -> dict[tuple[str, str], tuple[tuple[float, float], ...]]:
+        """Every worker derives the same (probe, target) -> profile map from the prefix."""
+        rng = random.Random(self.prefix)
+        pairs = [
+            (f"{self.prefix}-p{p}", f"t{t}.example.net")
+            for p in range(self.probes)
+            for t in range(self.targets)
+        ]
+        degraded = set(rng.sample(range(len(pairs)), round(self.degraded * len(pairs))))
+        return {pair: DEGRADED_RANGES if i in degraded else HEALTHY for i, pair in enumerate(pairs)}
+
+
+SETTINGS: Settings | None = None
+
+
+def settings() -> Settings:
+    assert SETTINGS is not None, "the test has not started: settings come with it"
+    return SETTINGS
 
 
 class OutcomeLog:
@@ -104,31 +172,104 @@ class OutcomeLog:
         self._file.close()
 
 
+class Shipper:
+    """Sends a worker's outcome file to the master, in whole lines, as it grows."""
+
+    def __init__(self, runner: WorkerRunner, path: str) -> None:
+        self.runner = runner
+        self.path = path
+        self.offset = 0
+        self.origin = f"{socket.gethostname()}:{os.getpid()}"
+        self.loop: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self.send(end=False)  # announces this worker, so a silent death is noticed
+        self.loop = gevent.spawn(self._every_interval)
+
+    def _every_interval(self) -> None:
+        while True:
+            gevent.sleep(SHIP_INTERVAL_S)
+            self.send(end=False)
+
+    def send(self, end: bool) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            tail = f.read()
+        whole = tail if end else tail[: tail.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        lines = whole.decode("utf-8")
+        data = {"worker": WORKER, "origin": self.origin, "lines": lines, "end": end}
+        self.runner.send_message(SHIP_MESSAGE, data)
+
+    def finish(self) -> None:
+        if self.loop is not None:
+            self.loop.kill(block=True)
+        self.send(end=True)
+
+
+def receive_shipped(environment: Any, msg: Any, **_kwargs: Any) -> None:
+    """On the master: append a worker's lines to its outcome file in QOE_LOAD_OUT."""
+    data = msg.data
+    worker = str(data["worker"])
+    if not worker.isalnum():
+        raise ValueError(f"a worker name is letters and digits, got {worker!r}")
+    os.makedirs(OUT_DIR, exist_ok=True)
+    with open(os.path.join(OUT_DIR, f"outcomes-{worker}.jsonl"), "a", encoding="utf-8") as f:
+        f.write(data["lines"])
+    marker = {"origin": data["origin"], "complete": bool(data["end"]), "at": time.time()}
+    with open(os.path.join(OUT_DIR, f"outcomes-{worker}.shipped.json"), "w") as f:
+        json.dump(marker, f)
+
+
 LOG: OutcomeLog | None = None
+SHIPPER: Shipper | None = None
+STOPPING = False
 
 
 @events.init.add_listener
-def _open_log(environment, **_kwargs) -> None:
+def _on_init(environment: Any, **_kwargs: Any) -> None:
     global LOG
-    # The master of a distributed run sends nothing; only workers and local runs record.
-    if not URLS or environment.parsed_options is None or environment.parsed_options.master:
+    if isinstance(environment.runner, MasterRunner):
+        # The master sends nothing; it receives what remote workers ship.
+        environment.runner.register_message(SHIP_MESSAGE, receive_shipped)
         return
     LOG = OutcomeLog(OUT_DIR)
 
 
-STOPPING = False
+@events.test_start.add_listener
+def _on_test_start(environment: Any, **_kwargs: Any) -> None:
+    global SETTINGS, SHIPPER
+    SETTINGS = Settings.of(environment.parsed_options)
+    if isinstance(environment.runner, MasterRunner):
+        return
+    if not SETTINGS.urls:
+        raise RuntimeError(
+            "no ingest URL: set QOE_LOAD_URLS (run this locustfile through harness.load)"
+        )
+    ProbeUser.network_timeout = ProbeUser.connection_timeout = SETTINGS.timeout
+    if SHIP and isinstance(environment.runner, WorkerRunner) and LOG is not None:
+        SHIPPER = Shipper(environment.runner, LOG.path)
+        SHIPPER.start()
 
 
 @events.test_stopping.add_listener
-def _stopping(environment, **_kwargs) -> None:
+def _stopping(environment: Any, **_kwargs: Any) -> None:
     # No new batch once the test stops: users woken from their wait would otherwise start one
     # that locust then kills mid-request (an unknown outcome the run did not need).
     global STOPPING
     STOPPING = True
 
 
+@events.test_stop.add_listener
+def _on_test_stop(environment: Any, **_kwargs: Any) -> None:
+    # On a worker this runs after its users stopped and before it tells the master so; the
+    # master handles one worker's messages in order, so it has every line before it quits.
+    if SHIPPER is not None:
+        SHIPPER.finish()
+
+
 @events.quitting.add_listener
-def _close_log(environment, **_kwargs) -> None:
+def _close_log(environment: Any, **_kwargs: Any) -> None:
     if LOG is not None:
         LOG.close()
 
@@ -140,13 +281,15 @@ def classify_exception(error: BaseException | None) -> str:
     return "unknown"
 
 
-def _tails(rng: random.Random, count: int = 4096) -> list[str]:
+def _tails(rng: random.Random, s: Settings, count: int = 4096) -> list[str]:
     """JSON fragments with everything but the id and ts: a pool the batches draw from, so a
     generated event costs a few microseconds (the load generator must stay cheap)."""
+    profiles = s.pair_profiles()
+    pairs = list(profiles)
     tails = []
     for _ in range(count):
-        probe, target = PAIR_LIST[rng.randrange(len(PAIR_LIST))]
-        (r0, r1), (j0, j1), (l0, l1), (t0, t1) = PAIRS[(probe, target)]
+        probe, target = pairs[rng.randrange(len(pairs))]
+        (r0, r1), (j0, j1), (l0, l1), (t0, t1) = profiles[(probe, target)]
         loss = round(rng.uniform(l0, l1), 3) if rng.random() < 0.4 else 0.0
         values = {
             "probe_id": probe,
@@ -171,33 +314,41 @@ def _stamps(now: float, count: int = 16) -> list[str]:
 class ProbeUser(FastHttpUser):
     """Posts batches like a probe: fresh ids each batch, the same batch again after an unknown."""
 
-    network_timeout = TIMEOUT
-    connection_timeout = TIMEOUT
+    network_timeout = 5.0  # set from the settings when the test starts
+    connection_timeout = 5.0
     max_retries = 0
-    wait_time = constant_throughput(RATE / BATCH / USERS) if RATE > 0 else constant(0)
-    host = URLS[0].removesuffix("/v1/events") if URLS else None
+    host = "http://ingest.invalid"  # every request names its full URL
     _instances = 0
 
     def on_start(self) -> None:
+        s = settings()
         ProbeUser._instances += 1
         self.index = ProbeUser._instances
-        self.url = URLS[self.index % len(URLS)]
+        self.url = s.urls[self.index % len(s.urls)]
         self.process = f"{WORKER}.u{self.index}"
-        self.rng = random.Random(f"{PREFIX}.{self.process}")
-        self.tails = _tails(self.rng)
+        self.rng = random.Random(f"{s.prefix}.{self.process}")
+        self.tails = _tails(self.rng, s)
+        self.batch = s.batch
+        self.resend_limit = s.resends
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {s.token}"}
+        pace = s.rate / s.batch / s.users
+        self._pace = constant_throughput(pace) if pace > 0 else constant(0)
         self.sent = 0
         self.pending: str | None = None  # body of an unknown batch still to resend
         self.resends = 0
 
+    def wait_time(self) -> float:
+        return self._pace(self)
+
     def _body(self) -> str:
         stamps = _stamps(time.time())
-        tails, ids = self.tails, f"{PREFIX}.{self.process}"
+        tails, ids = self.tails, f"{settings().prefix}.{self.process}"
         rand = self.rng.randrange
         first = self.sent + 1
-        self.sent += BATCH
+        self.sent += self.batch
         events = ",".join(
             f'{{"event_id":"{ids}.{n}","ts":"{stamps[n % 16]}",{tails[rand(4096)]}}}'
-            for n in range(first, first + BATCH)
+            for n in range(first, first + self.batch)
         )
         return f'{{"events":[{events}]}}'
 
@@ -205,14 +356,14 @@ class ProbeUser(FastHttpUser):
     def post_batch(self) -> None:
         if STOPPING:
             return
-        if self.pending is not None and self.resends < RESENDS:
+        if self.pending is not None and self.resends < self.resend_limit:
             body, self.resends = self.pending, self.resends + 1
         else:
             body, self.pending, self.resends = self._body(), None, 0
-        assert LOG is not None, "QOE_LOAD_URLS is not set: run this locustfile through harness.load"
+        assert LOG is not None, "no outcome log: this process is a master"
         n = LOG.invoke(self.url, self.process, body)
         with self.client.post(
-            self.url, data=body, headers=HEADERS, name="POST /v1/events", catch_response=True
+            self.url, data=body, headers=self.headers, name="POST /v1/events", catch_response=True
         ) as resp:
             if resp.status_code:
                 outcome = classify_status(resp.status_code).value
@@ -233,6 +384,8 @@ class FixedDuration(LoadTestShape):
     """Every user at once, for QOE_LOAD_DURATION seconds from the start of the test."""
 
     def tick(self) -> tuple[int, float] | None:
-        if self.get_run_time() >= DURATION:
+        assert self.runner is not None, "locust sets the runner before the first tick"
+        s = Settings.of(self.runner.environment.parsed_options)
+        if self.get_run_time() >= s.duration:
             return None
-        return USERS, float(USERS * 4)
+        return s.users, float(s.users * 4)

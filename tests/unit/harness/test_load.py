@@ -87,6 +87,16 @@ def test_a_truncated_last_line_is_skipped_but_damage_elsewhere_is_an_error(tmp_p
         read_outcomes(tmp_path)
 
 
+def test_a_remote_workers_outcomes_must_have_arrived_whole(tmp_path: Path) -> None:
+    (tmp_path / "outcomes-w9.jsonl").write_text(invocation(1, 1.0, ["a"]) + "\n")
+    marker = tmp_path / "outcomes-w9.shipped.json"
+    marker.write_text(json.dumps({"origin": "box2:41", "complete": False, "at": 2.0}))
+    with pytest.raises(ValueError, match="worker on box2:41 stopped shipping"):
+        read_outcomes(tmp_path)
+    marker.write_text(json.dumps({"origin": "box2:41", "complete": True, "at": 3.0}))
+    assert len(read_outcomes(tmp_path)) == 1
+
+
 def op(
     t: float, outcome: Outcome, n: int, latency: float = 0.1, status: int | None = 202
 ) -> Operation:
@@ -211,6 +221,17 @@ def test_locust_commands_local_and_distributed(tmp_path: Path) -> None:
     assert "--master" in master and master[master.index("--expect-workers") + 1] == "3"
     assert len(workers) == 3 and all("--worker" in w and "5599" in w for w in workers)
     assert all("--headless" not in w for w in workers)
+    assert master[master.index("--master-bind-host") + 1] == "127.0.0.1"
+    elsewhere = LocustProcesses(
+        LoadSpec(rate=4000, duration_s=30, workers=1, remote_workers=2, master_bind="0.0.0.0"),
+        ["http://a"],
+        "t",
+        "L1",
+        tmp_path,
+    )
+    master, *workers = elsewhere.commands(master_port=5557)
+    assert master[master.index("--expect-workers") + 1] == "3" and len(workers) == 1
+    assert master[master.index("--master-bind-host") + 1] == "0.0.0.0"
 
 
 def test_read_locust_history_keeps_the_aggregated_rows(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ Locust is never imported here (it monkey-patches with gevent); it runs as a subp
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,3 +98,52 @@ def test_every_batch_is_recorded_and_classified(fake_ingest: str, tmp_path: Path
     assert {e.probe_id for e in events} <= {"Lt1-p0", "Lt1-p1", "Lt1-p2"}
     stats = stats_of(history, run.started_at, run.ended_at)
     assert stats.batches == len(ops) and 0 < stats.error_rate < 1
+
+
+def test_a_remote_worker_ships_its_outcomes_to_the_master(fake_ingest: str, tmp_path: Path) -> None:
+    # A worker "elsewhere": its own outcome folder, which the master cannot read, and only the
+    # master's address (its settings, the token included, come from the master).
+    master_dir, remote_dir = tmp_path / "master", tmp_path / "remote"
+    port = int(closed_port().rsplit(":", 1)[1])
+    spec = LoadSpec(
+        rate=300,
+        duration_s=3,
+        users=4,
+        batch_size=10,
+        workers=1,
+        remote_workers=1,
+        master_port=port,
+    )
+    with LocustProcesses(spec, [fake_ingest], FakeIngest.token, "Lr1", master_dir) as locust:
+        remote = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harness",
+                "load",
+                "worker",
+                "--master",
+                f"127.0.0.1:{port}",
+                "--out",
+                str(remote_dir),
+            ],
+            env={**os.environ, "QOE_LOAD_TOKEN": "", "QOE_LOAD_URLS": ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        run = locust.wait(timeout_s=90)
+        remote_log = remote.communicate(timeout=30)[0].decode(errors="replace")
+    assert run.returncodes == (0, 0), locust.log_tail()
+    assert remote.returncode == 0, remote_log
+    [own] = remote_dir.glob("outcomes-*.jsonl")
+    shipped = master_dir / own.name
+    assert shipped.read_text() == own.read_text() != ""
+    marker = json.loads((master_dir / own.name.replace(".jsonl", ".shipped.json")).read_text())
+    assert marker["complete"] is True
+    # Both workers' batches are in the history, and nothing the fake ingest saw is missing.
+    ops = read_outcomes(master_dir, run.ended_at).operations()
+    assert len({op.process.split(".")[0] for op in ops}) == 2
+    seen = {tuple(e["event_id"] for e in b["events"]) for b in FakeIngest.bodies}
+    recorded = {tuple(e.event_id for e in op.events) for op in ops}
+    assert {ids for ids in seen if ids[0].startswith("Lr1.")} <= recorded
+    assert all(op.outcome is not Outcome.FAIL for op in ops)  # the token reached the worker
