@@ -1191,7 +1191,11 @@ def command(args: Any) -> int:
             print("load worker needs --master HOST:PORT (the master's address)", file=sys.stderr)
             return 2
         out = args.out or Path(args.report_dir) / f"worker-{time.strftime('%Y%m%d-%H%M%S')}"
-        return run_worker(args.master, out, args.ingest or "")
+        try:
+            return run_worker(args.master, out, args.ingest or "")
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     slo = load_slo(args.slo, "chaos" if profile == "chaos" else profile).overridden(
         max_error_rate=args.max_error_rate,
         max_p95_ms=args.max_p95_ms,
