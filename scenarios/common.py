@@ -119,6 +119,27 @@ def all_ready(endpoints: Endpoints, *services: str) -> bool:
     return all(readiness(endpoints, s) == 200 for s in services)
 
 
+def each_commits(endpoints: Endpoints, *aggregators: str, timeout_s: float = 30.0) -> float:
+    """Wait until each aggregator has committed a batch from now on; returns seconds waited.
+
+    Then each holds a live database connection. A fault that makes connecting impossible (heavy
+    latency: a handshake takes more round trips than connect_timeout allows) would otherwise
+    strand an aggregator still due to reconnect after an earlier fault, and the batch it holds
+    would pin the consumer's ack floor.
+    """
+
+    def batches(service: str) -> float:
+        return metric(endpoints, service, "qoe_aggregator_batches_total")
+
+    before = {service: batches(service) for service in aggregators}
+    _, waited = wait_until(
+        lambda: all(batches(service) > before[service] for service in aggregators),
+        timeout_s=timeout_s,
+        what=f"each of {', '.join(aggregators)} committing a batch",
+    )
+    return waited
+
+
 def metric(endpoints: Endpoints, service: str, name: str, **labels: str) -> float:
     """The sum of a Prometheus metric's samples (matching `labels`) from a service's /metrics."""
     text = httpx.get(f"{endpoints.services[service]}/metrics", timeout=3).text

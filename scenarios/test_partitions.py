@@ -20,6 +20,7 @@ from scenarios.common import (
     caught_mid_transaction,
     client_view,
     consumer_state,
+    each_commits,
     other_aggregator_carries_on,
     readiness,
     recover_after_refusals,
@@ -151,6 +152,7 @@ def test_aggregator_postgres_heavy_latency(
     """800 ± 400 ms each way between the aggregators and PostgreSQL: slow, never wrong."""
     with workload(client, generator) as load:
         load.progress()
+        scenario_details["each_committing_after_s"] = each_commits(endpoints, *AGGREGATORS)
         start = consumer_state(endpoints)
         with nemesis.latency("aggregator-postgres", 800, 400, stream="both") as slow:
             wait_until(
