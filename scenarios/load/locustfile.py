@@ -81,6 +81,7 @@ OPTIONS = (  # (option, environment variable, default)
     ("timeout", "QOE_LOAD_TIMEOUT", "5"),
     ("resends", "QOE_LOAD_RESENDS", "3"),
 )
+DEFAULTS = {name: default for name, _, default in OPTIONS}
 
 
 @events.init_command_line_parser.add_listener
@@ -108,23 +109,23 @@ class Settings:
 
     @classmethod
     def of(cls, options: Any) -> Settings:
-        def opt(name: str) -> str:
-            return str(getattr(options, f"qoe_{name}", "") or "").strip()
+        def opt(name: str) -> str:  # an empty value (QOE_LOAD_BATCH="") means the default
+            return str(getattr(options, f"qoe_{name}", "") or "").strip() or DEFAULTS[name]
 
         urls = WORKER_URLS or opt("urls")
         return cls(
             urls=tuple(u.rstrip("/") + "/v1/events" for u in urls.split(",") if u.strip()),
             token=opt("token"),
-            prefix=opt("prefix") or "load",
-            rate=float(opt("rate") or 0),
-            users=max(1, int(opt("users") or 1)),
-            duration=float(opt("duration") or 30),
-            batch=max(1, int(opt("batch") or 200)),
-            probes=max(1, int(opt("probes") or 20)),
-            targets=max(1, int(opt("targets") or 5)),
-            degraded=float(opt("degraded") or 0.2),
-            timeout=float(opt("timeout") or 5),
-            resends=int(opt("resends") or 3),
+            prefix=opt("prefix"),
+            rate=float(opt("rate")),
+            users=max(1, int(opt("users"))),
+            duration=float(opt("duration")),
+            batch=max(1, int(opt("batch"))),
+            probes=max(1, int(opt("probes"))),
+            targets=max(1, int(opt("targets"))),
+            degraded=float(opt("degraded")),
+            timeout=float(opt("timeout")),
+            resends=int(opt("resends")),
         )
 
     def pair_profiles(self) -> dict[tuple[str, str], tuple[tuple[float, float], ...]]:
