@@ -327,6 +327,7 @@ class ProbeUser(FastHttpUser):
         self.index = ProbeUser._instances
         self.url = s.urls[self.index % len(s.urls)]
         self.process = f"{WORKER}.u{self.index}"
+        self.ids = f"{s.prefix}.{self.process}"  # event ids: <ids>.<n>
         self.rng = random.Random(f"{s.prefix}.{self.process}")
         self.tails = _tails(self.rng, s)
         self.batch = s.batch
@@ -343,7 +344,7 @@ class ProbeUser(FastHttpUser):
 
     def _body(self) -> str:
         stamps = _stamps(time.time())
-        tails, ids = self.tails, f"{settings().prefix}.{self.process}"
+        tails, ids = self.tails, self.ids
         rand = self.rng.randrange
         first = self.sent + 1
         self.sent += self.batch
@@ -386,6 +387,7 @@ class FixedDuration(LoadTestShape):
 
     def tick(self) -> tuple[int, float] | None:
         assert self.runner is not None, "locust sets the runner before the first tick"
+        # Read here, not from settings(): the first tick comes before test_start.
         s = Settings.of(self.runner.environment.parsed_options)
         if self.get_run_time() >= s.duration:
             return None
