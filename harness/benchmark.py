@@ -31,7 +31,7 @@ from harness.load import (
     step_rates,
 )
 from harness.report import inline_svg
-from harness.stack import STATE_DIR, ComposeStack, StackSettings, new_run_id
+from harness.stack import STATE_DIR, ComposeStack, Endpoints, StackSettings, new_run_id
 
 # A stage "holds" when the pipeline keeps up end to end: nearly everything acknowledged, the
 # acknowledged rate close to the offered one, and events visible within 2 s (p95).
@@ -79,9 +79,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _steady(result: LoadResult) -> dict[str, Any]:
+def _steady(result: LoadResult, cpu: dict[str, Any]) -> dict[str, Any]:
     run = result.phases["run"]
     return {
+        "cpu": cpu,
         "offered": result.spec.rate,
         "batch": result.spec.batch_size,
         "events_per_s": run.events_per_s,
@@ -97,6 +98,59 @@ def _steady(result: LoadResult) -> dict[str, Any]:
         "locust_history": result.locust_history,
         "freshness": [asdict(s) for s in result.freshness],
     }
+
+
+def cpu_cost(
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    *,
+    locust_s: float,
+    harness_s: float,
+    wall_s: float,
+    events: int,
+) -> dict[str, Any]:
+    """Where the CPU went during a run: microseconds per acknowledged event by consumer.
+
+    Container counters cover everything from the first batch to convergence, so each service's
+    idle work (health checks, sweeps) is charged to the events too, as it is on a real machine.
+    """
+    used = {name: after[name] - before.get(name, 0.0) for name in after}
+    used["locust"] = locust_s
+    used["harness"] = harness_s
+    total = sum(used.values())
+    per_event = {name: round(s / events * 1e6, 1) for name, s in used.items()} if events else {}
+    return {
+        "wall_s": round(wall_s, 1),
+        "events": events,
+        "cores": round(total / wall_s, 2) if wall_s > 0 else None,
+        "us_per_event": dict(sorted(per_event.items(), key=lambda kv: -kv[1])),
+        "us_per_event_total": round(total / events * 1e6, 1) if events else None,
+    }
+
+
+def measured_run(
+    stack: ComposeStack, endpoints: Endpoints, spec: LoadSpec, **kwargs: Any
+) -> tuple[LoadResult, dict[str, Any]]:
+    """run_load, and the CPU every container, locust and the harness spent on it (cpu_cost)."""
+    before, wall, own = stack.cpu_seconds(), time.monotonic(), time.process_time()
+    result = run_load(endpoints, spec, **kwargs)
+    return result, cpu_cost(
+        before,
+        stack.cpu_seconds(),
+        locust_s=result.locust.cpu_s,
+        harness_s=time.process_time() - own,
+        wall_s=time.monotonic() - wall,
+        events=result.events_acknowledged,
+    )
+
+
+def cpu_line(cpu: Mapping[str, Any]) -> str:
+    """One line: total CPU per event, cores busy, and the consumers, biggest first."""
+    parts = ", ".join(f"{name} {us:.0f}" for name, us in cpu["us_per_event"].items() if us >= 1)
+    return (
+        f"CPU per acknowledged event: {cpu['us_per_event_total'] or 0:.0f} us "
+        f"({cpu['cores'] or 0:.2f} cores over {cpu['wall_s']:.0f} s): {parts}"
+    )
 
 
 def measure(
@@ -143,16 +197,18 @@ def measure(
             return out
         for share in (0.5, 0.9):
             spec = replace(base, rate=round(max_rate * share), duration_s=steady_s)
-            result = run_load(
+            result, cpu = measured_run(
+                stack,
                 endpoints,
                 spec,
-                out_dir / f"at-{round(share * 100)}pct",
+                out_dir=out_dir / f"at-{round(share * 100)}pct",
                 name=f"R{replicas} at {share:.0%}",
                 slo=replace(HOLD, min_rate_fraction=0.9),
                 check=share == 0.5,
             )
-            out[f"at_{round(share * 100)}pct"] = _steady(result)
+            out[f"at_{round(share * 100)}pct"] = _steady(result, cpu)
             log(result.summary())
+            log(cpu_line(cpu))
         return out
 
 
@@ -211,6 +267,34 @@ def plots(results: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def cpu_table(results: Mapping[str, Any]) -> str:
+    """Microseconds of CPU per acknowledged event, a row per consumer, a column per steady run."""
+    runs = [
+        (f"R{key} at {share[3:5]} %", run["cpu"])
+        for key, r in results["replicas"].items()
+        for share in ("at_50pct", "at_90pct")
+        if (run := r.get(share)) and run.get("cpu")
+    ]
+    if not runs:
+        return "<p>No steady run: nothing to break down.</p>"
+    names = sorted(
+        {n for _, cpu in runs for n in cpu["us_per_event"]},
+        key=lambda n: -max(cpu["us_per_event"].get(n, 0.0) for _, cpu in runs),
+    )
+    head = "<tr><th>us per event</th>" + "".join(f"<th>{html.escape(t)}</th>" for t, _ in runs)
+    body = [
+        f"<tr><td>{html.escape(n)}</td>"
+        + "".join(f"<td>{cpu['us_per_event'].get(n, 0.0):.0f}</td>" for _, cpu in runs)
+        + "</tr>"
+        for n in names
+    ]
+    total = "<tr><th>total (cores)</th>" + "".join(
+        f"<th>{cpu['us_per_event_total'] or 0:.0f} ({cpu['cores'] or 0:.2f})</th>"
+        for _, cpu in runs
+    )
+    return f"<table>{head}</tr>{''.join(body)}{total}</tr></table>"
+
+
 def render(results: Mapping[str, Any]) -> str:
     rows = []
     for key, r in results["replicas"].items():
@@ -258,6 +342,10 @@ kernel {html.escape(m["kernel"])}, Docker {html.escape(m["docker"])}; load avera
 <table>{head}{"".join(rows)}</table>
 <h2>Step search</h2>{svgs["step"]}
 <h2>Steady runs</h2>{svgs["steady"]}
+<h2>Where the CPU went</h2>
+<p>Microseconds of CPU per acknowledged event in each steady run (container CPU counters, the
+locust processes and the harness process, from the first batch to convergence).</p>
+{cpu_table(results)}
 <p>Raw data: benchmark.json; locust CSVs and outcome files beside it.</p></body></html>"""
 
 
@@ -301,5 +389,7 @@ def command(args: Any) -> int:
             f"p50/p95/p99 {lat.get('p50') or 0:.0f}/{lat.get('p95') or 0:.0f}/{lat.get('p99') or 0:.0f}"
             f" ms, freshness p95 {(half.get('freshness_s') or {}).get('p95') or 0:.2f} s"
         )
+        if half.get("cpu"):
+            print(f"R{r} at 50 %: {cpu_line(half['cpu'])}")
     print(f"benchmark: {run_dir / 'benchmark.html'} and benchmark.json")
     return 0

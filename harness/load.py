@@ -835,10 +835,14 @@ class LoadResult:
     def ok(self) -> bool:
         return not self.breaches and (self.verdict is None or self.verdict.valid)
 
+    @property
+    def events_acknowledged(self) -> int:
+        return sum(len(op.events) for op in self.history if op.outcome is Outcome.OK)
+
     def events_per_cpu_s(self) -> float | None:
         """The load generator's cost: events acknowledged per CPU-second of locust."""
-        acked = sum(len(op.events) for op in self.history if op.outcome is Outcome.OK)
-        return acked / self.locust.cpu_s if self.locust.cpu_s > 0 else None
+        cpu = self.locust.cpu_s
+        return self.events_acknowledged / cpu if cpu > 0 else None
 
     def summary(self) -> str:
         whole = self.phases["run"]

@@ -346,6 +346,19 @@ class ComposeStack:
             _forget_state(self.state_dir)
         log(f"{self.name} removed in {time.monotonic() - started:.1f} s")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) each service's container has used since it started."""
+        used: dict[str, float] = {}
+        client = docker.from_env()
+        for container in client.containers.list(
+            filters={"label": f"com.docker.compose.project={self.name}"}
+        ):
+            # one_shot: the counters as they are now, without waiting for a second sample.
+            stats = container.stats(stream=False, one_shot=True)
+            service = container.labels.get("com.docker.compose.service", container.name)
+            used[service] = stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+        return used
+
     def _remove_labelled(self) -> None:
         """Belt and braces: anything of this run that compose did not remove (e.g. hand-made)."""
         remove_resources(docker.from_env(), f"{RUN_LABEL}={self.run_id}", lambda _: True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.benchmark import machine, render
+from harness.benchmark import cpu_cost, cpu_line, machine, render
 
 
 def fake_results() -> dict[str, object]:
@@ -21,6 +21,14 @@ def fake_results() -> dict[str, object]:
         "freshness_s": {"p50": 0.4, "p95": 0.9},
         "events_per_locust_cpu_s": 40000.0,
         "verdict": "valid: 10 windows match",
+        "cpu": cpu_cost(
+            {"nats-1": 10.0, "aggregator-1": 5.0},
+            {"nats-1": 10.5, "aggregator-1": 5.25},
+            locust_s=0.1,
+            harness_s=0.05,
+            wall_s=2.0,
+            events=1000,
+        ),
         "locust_history": [
             {
                 "t": 100.0,
@@ -67,3 +75,31 @@ def test_page_has_the_figures_and_inline_plots() -> None:
 def test_machine_says_what_it_ran_on() -> None:
     m = machine()
     assert m["cpus"] and "kernel" in m
+
+
+def test_cpu_cost_is_microseconds_per_acknowledged_event_by_consumer() -> None:
+    cost = cpu_cost(
+        {"nats-1": 10.0, "aggregator-1": 5.0},
+        {"nats-1": 10.5, "aggregator-1": 5.25, "ingest-1": 0.2},  # ingest-1 started meanwhile
+        locust_s=0.1,
+        harness_s=0.05,
+        wall_s=2.0,
+        events=1000,
+    )
+    assert cost["us_per_event"] == {
+        "nats-1": 500.0,
+        "aggregator-1": 250.0,
+        "ingest-1": 200.0,
+        "locust": 100.0,
+        "harness": 50.0,
+    }
+    assert cost["us_per_event_total"] == 1100.0
+    assert cost["cores"] == 0.55
+    assert cpu_line(cost).startswith("CPU per acknowledged event: 1100 us (0.55 cores over 2 s)")
+
+
+def test_page_breaks_the_cpu_down_by_consumer() -> None:
+    page = render(fake_results())
+    assert "Where the CPU went" in page
+    assert "<td>nats-1</td><td>500</td><td>500</td>" in page
+    assert "<th>900 (0.45)</th>" in page
