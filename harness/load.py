@@ -155,6 +155,7 @@ class LocustProcesses:
             "QOE_LOAD_TOKEN": token,
             "QOE_LOAD_PREFIX": prefix,
             "QOE_LOAD_OUT": str(self.out_dir),
+            "QOE_LOAD_RUN_UNTIL": str(self.out_dir / "run-until"),
             "QOE_LOAD_RATE": str(spec.rate),
             "QOE_LOAD_USERS": str(self.users),
             "QOE_LOAD_DURATION": str(spec.duration_s),
@@ -171,6 +172,7 @@ class LocustProcesses:
         self._logs: list[Any] = []
         self._rusage: dict[int, float] = {}
         self.started_at = 0.0
+        self.until = 0.0
 
     def commands(self, master_port: int | None = None) -> list[list[str]]:
         """The command lines: [locust] or [master, worker, ...]."""
@@ -244,8 +246,18 @@ class LocustProcesses:
     def running(self) -> bool:
         return not all(self._reap(p) for p in self.procs)
 
+    def run_until(self, at: float) -> None:
+        """Keep the load going at least until the epoch time ``at`` (never shortens it): the
+        locustfile's shape reads the file each second."""
+        self.until = max(self.until, at)
+        target = Path(self.env["QOE_LOAD_RUN_UNTIL"])
+        partial = target.with_suffix(".partial")
+        partial.write_text(f"{self.until}\n")
+        partial.replace(target)  # the shape never reads half a number
+
     def wait(self, timeout_s: float | None = None) -> LocustRun:
-        limit = timeout_s if timeout_s is not None else self.spec.duration_s + 60
+        planned = max(self.spec.duration_s, self.until - self.started_at)
+        limit = timeout_s if timeout_s is not None else planned + 60
         if self.spec.remote_workers and timeout_s is None:
             limit += REMOTE_WORKER_WAIT_S
         try:
@@ -704,6 +716,9 @@ class Slo:
     max_freshness_p95_s: float | None = None
     max_convergence_s: float | None = None
     recovery_grace_s: float = 5.0  # chaos: the after-fault phase starts this long after healing
+    # Chaos: the load goes on at least this long after the grace, however late the fault
+    # healed (a killed service's restart counts), so the after-recovery phase is measured.
+    after_recovery_s: float = 10.0
     # The first seconds are not gated: every user opens its connections at once (in CI the
     # batches of the first 0.6 s took 0.4-0.9 s, none after).
     warmup_s: float = 0.0
@@ -949,6 +964,7 @@ def run_load(
             timeline.mark("workload", f"load {name} start", f"{spec.rate:g} events/s")
         if fault is not None:
             fault_info = _inject(locust, fault, fault_name, fault_at_s, fault_for_s, say)
+            locust.run_until(fault_info["end"] + slo.recovery_grace_s + slo.after_recovery_s)
         run = locust.wait()
         fresh = monitor.stop(drain_timeout_s=convergence_timeout_s / 2)
         missing = monitor.missing()

@@ -28,6 +28,9 @@ Each process's own environment, never forwarded:
     QOE_LOAD_SHIP        1: also send the outcome file to the master as it grows (a worker on
                          another machine, whose folder the harness cannot read)
     QOE_LOAD_WORKER_URLS ingest URLs as this worker's machine reaches them (default: the master's)
+    QOE_LOAD_RUN_UNTIL   on the master: a file that may hold an epoch time; the load goes on
+                         until then even past QOE_LOAD_DURATION (the harness writes it when a
+                         fault healed late, so the after-recovery phase still gets its length)
 
 The outcome file is JSON lines, written and flushed as it happens, so a killed worker loses
 nothing it sent: an invocation line {"i": n, "t": time, "u": url, "p": process, "b": body}
@@ -59,6 +62,7 @@ WORKER = f"w{os.getpid()}{secrets.token_hex(2)}"
 OUT_DIR = os.environ.get("QOE_LOAD_OUT", "").strip() or "."
 SHIP = os.environ.get("QOE_LOAD_SHIP", "") == "1"
 WORKER_URLS = os.environ.get("QOE_LOAD_WORKER_URLS", "").strip()
+RUN_UNTIL = os.environ.get("QOE_LOAD_RUN_UNTIL", "").strip()
 SHIP_INTERVAL_S = 1.0
 SHIP_MESSAGE = "qoe_outcomes"
 
@@ -382,13 +386,23 @@ class ProbeUser(FastHttpUser):
                 self.pending = body if outcome == "unknown" else None
 
 
+def run_until() -> float:
+    """The epoch time the harness asked the load to last until (0: none asked)."""
+    try:
+        with open(RUN_UNTIL, encoding="utf-8") as f:
+            return float(f.read())
+    except (OSError, ValueError):  # no file (nothing asked) or none configured
+        return 0.0
+
+
 class FixedDuration(LoadTestShape):
-    """Every user at once, for QOE_LOAD_DURATION seconds from the start of the test."""
+    """Every user at once, for QOE_LOAD_DURATION seconds from the start of the test, or until
+    the time in QOE_LOAD_RUN_UNTIL when that is later."""
 
     def tick(self) -> tuple[int, float] | None:
         assert self.runner is not None, "locust sets the runner before the first tick"
         # Read here, not from settings(): the first tick comes before test_start.
         s = Settings.of(self.runner.environment.parsed_options)
-        if self.get_run_time() >= s.duration:
+        if self.get_run_time() >= s.duration and time.time() >= run_until():
             return None
         return s.users, float(s.users * 4)

@@ -100,6 +100,20 @@ def test_every_batch_is_recorded_and_classified(fake_ingest: str, tmp_path: Path
     assert stats.batches == len(ops) and 0 < stats.error_rate < 1
 
 
+def test_the_load_goes_on_until_the_time_the_harness_asks_for(
+    fake_ingest: str, tmp_path: Path
+) -> None:
+    """A fault that healed late moves the end of the load (chaos: the after-recovery phase)."""
+    spec = LoadSpec(rate=100, duration_s=1, users=1, batch_size=10, probes=1, targets=1)
+    with LocustProcesses(spec, [fake_ingest], FakeIngest.token, "Lt3", tmp_path) as locust:
+        locust.run_until(locust.started_at + 6)
+        locust.run_until(locust.started_at + 2)  # never shortens what was asked before
+        run = locust.wait(timeout_s=60)
+    assert run.returncodes == (0,), locust.log_tail()
+    last = max(op.invoked_at for op in read_outcomes(tmp_path, run.ended_at).operations())
+    assert last >= run.started_at + 5, f"last batch {last - run.started_at:.1f} s in"
+
+
 def test_a_remote_worker_ships_its_outcomes_to_the_master(fake_ingest: str, tmp_path: Path) -> None:
     # A worker "elsewhere": its own outcome folder, which the master cannot read, and only the
     # master's address (its settings, the token included, come from the master).
