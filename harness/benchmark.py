@@ -111,8 +111,10 @@ def cpu_cost(
 ) -> dict[str, Any]:
     """Where the CPU went during a run: microseconds per acknowledged event by consumer.
 
-    Container counters cover everything from the first batch to convergence, so each service's
-    idle work (health checks, sweeps) is charged to the events too, as it is on a real machine.
+    The counters span the whole run_load call (locust's start, the load, convergence and the
+    checks), so each service's idle work (health checks, sweeps) is charged to the events too,
+    as it is on a real machine; "harness" is mostly merging the outcome files after the load.
+    "cores" is the total divided by that wall time.
     """
     used = {name: after[name] - before.get(name, 0.0) for name in after}
     used["locust"] = locust_s
@@ -343,8 +345,9 @@ kernel {html.escape(m["kernel"])}, Docker {html.escape(m["docker"])}; load avera
 <h2>Step search</h2>{svgs["step"]}
 <h2>Steady runs</h2>{svgs["steady"]}
 <h2>Where the CPU went</h2>
-<p>Microseconds of CPU per acknowledged event in each steady run (container CPU counters, the
-locust processes and the harness process, from the first batch to convergence).</p>
+<p>Microseconds of CPU per acknowledged event in each steady run: container CPU counters, the
+locust processes and the harness process (mostly merging the outcome files after the load),
+from locust's start to the end of the checks; cores = that CPU over the same wall time.</p>
 {cpu_table(results)}
 <p>Raw data: benchmark.json; locust CSVs and outcome files beside it.</p></body></html>"""
 
