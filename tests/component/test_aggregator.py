@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,14 +169,25 @@ def generator(prefix: str) -> EventGenerator:
     )
 
 
+def part_way(
+    database_url: str, probe_ids: Sequence[str], low: int, high: int
+) -> Callable[[], bool]:
+    """Whether the aggregator has counted more than ``low`` events but not yet ``high``."""
+    return lambda: low < samples(database_url, probe_ids) < high
+
+
 def test_sigkill_mid_batch_double_counts_nothing(aggregator, nats_service, postgres_service):
     gen = generator("kill")
-    events = gen.batch(3000)
-    publish(nats_service.url, events)
+    events: list[Event] = []
     for _ in range(3):
+        # A fresh backlog each round: what one left behind can be gone before the restarted
+        # aggregator reports ready, and there would be nothing to be part-way through.
+        counted = len(events)
+        events += gen.batch(10_000)  # several seconds of work at FETCH_BATCH=100
+        publish(nats_service.url, events[counted:])
         # Kill while the backlog is partly committed: some batches were fetched, not all acked.
         wait_until(
-            lambda: 0 < samples(postgres_service.url, gen.probes) < len(events),
+            part_way(postgres_service.url, gen.probes, counted, len(events)),
             timeout_s=60,
             interval_s=0.01,
             what="the aggregator part-way through the backlog",
