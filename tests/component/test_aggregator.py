@@ -183,7 +183,7 @@ def test_sigkill_mid_batch_double_counts_nothing(aggregator, nats_service, postg
         # A fresh backlog each round: what one left behind can be gone before the restarted
         # aggregator reports ready, and there would be nothing to be part-way through.
         counted = len(events)
-        events += gen.batch(10_000)  # several seconds of work at FETCH_BATCH=100
+        events += gen.batch(10_000)
         publish(nats_service.url, events[counted:])
         # Kill while the backlog is partly committed: some batches were fetched, not all acked.
         wait_until(
