@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import gevent
-from locust import FastHttpUser, LoadTestShape, constant, constant_throughput, events, task
+from locust import FastHttpUser, LoadTestShape, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
 from harness.workload import classify_status
@@ -337,14 +337,23 @@ class ProbeUser(FastHttpUser):
         self.batch = s.batch
         self.resend_limit = s.resends
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {s.token}"}
-        pace = s.rate / s.batch / s.users
-        self._pace = constant_throughput(pace) if pace > 0 else constant(0)
+        pace = s.rate / s.batch / s.users  # batches/s for this user
+        self.period = 1 / pace if pace > 0 else 0.0
         self.sent = 0
         self.pending: str | None = None  # body of an unknown batch still to resend
         self.resends = 0
+        # Real probes are not in step. Users spawned within a quarter of a second and paced
+        # from then on send in one burst per period: ingest would see several times the
+        # offered rate for part of each second and nothing for the rest. So each user starts
+        # at a random phase of its period and keeps it.
+        self.due = time.monotonic() + self.rng.uniform(0, self.period)
+        gevent.sleep(max(0.0, self.due - time.monotonic()))
 
     def wait_time(self) -> float:
-        return self._pace(self)
+        """Until the next slot of this user's period; no catching up after a slow answer."""
+        now = time.monotonic()
+        self.due = max(self.due + self.period, now)
+        return self.due - now
 
     def _body(self) -> str:
         stamps = _stamps(time.time())

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 from pathlib import Path
 from typing import ClassVar
 
@@ -112,6 +113,24 @@ def test_the_load_goes_on_until_the_time_the_harness_asks_for(
     assert run.returncodes == (0,), locust.log_tail()
     last = max(op.invoked_at for op in read_outcomes(tmp_path, run.ended_at).operations())
     assert last >= run.started_at + 5, f"last batch {last - run.started_at:.1f} s in"
+
+
+def test_users_send_out_of_step_each_at_its_own_pace(fake_ingest: str, tmp_path: Path) -> None:
+    """Users spawn within a quarter of a second; paced from then on, they sent in one burst per
+    period, and ingest saw several times the offered rate in it (a 4,800 events/s run measured
+    p99 234 ms that way, 55 ms spread out)."""
+    spec = LoadSpec(rate=200, duration_s=3, users=20, batch_size=10, probes=2, targets=2)
+    with LocustProcesses(spec, [fake_ingest], FakeIngest.token, "Lt4", tmp_path) as locust:
+        run = locust.wait(timeout_s=60)
+    assert run.returncodes == (0,), locust.log_tail()
+    sends: dict[str, list[float]] = {}
+    for op in read_outcomes(tmp_path, run.ended_at).operations():
+        sends.setdefault(op.process, []).append(op.invoked_at)
+    assert len(sends) == 20
+    firsts = sorted(min(times) for times in sends.values())
+    assert firsts[-1] - firsts[0] > 0.5, f"first batches within {firsts[-1] - firsts[0]:.2f} s"
+    gaps = sorted(b - a for times in sends.values() for a, b in pairwise(sorted(times)))
+    assert 0.9 < gaps[len(gaps) // 2] < 1.1, f"median gap {gaps[len(gaps) // 2]:.2f} s, not 1 s"
 
 
 def test_a_remote_worker_ships_its_outcomes_to_the_master(fake_ingest: str, tmp_path: Path) -> None:
