@@ -339,7 +339,10 @@ class ComposeStack:
             return
         started = time.monotonic()
         try:
-            self.docker.compose.down(volumes=True, remove_orphans=True, timeout=5, quiet=True)
+            # Without its env file compose cannot even parse the project: nothing was brought
+            # up from this folder, and anything labelled with the run goes below.
+            if self.env_file.exists():
+                self.docker.compose.down(volumes=True, remove_orphans=True, timeout=5, quiet=True)
         finally:
             self._remove_labelled()
             self.endpoints_file.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import sys
 import docker
 import pytest
 
-from harness.stack import PID_LABEL, RUN_LABEL, STATE_DIR, reap_orphans
+from harness.stack import PID_LABEL, RUN_LABEL, STATE_DIR, ComposeStack, reap_orphans
 
 pytestmark = pytest.mark.component
 
@@ -54,3 +54,17 @@ def test_resources_of_a_dead_run_are_reaped_and_others_kept():
             for remove in (lambda c=container: c.remove(force=True), network.remove, volume.remove):
                 with contextlib.suppress(docker.errors.NotFound):
                     remove()
+
+
+def test_down_with_no_stack_up_removes_what_carries_its_label(tmp_path):
+    """`python -m harness down` with no kept stack: no compose project to parse, no traceback,
+    and anything labelled with the run still goes."""
+    client = docker.from_env()
+    stack = ComposeStack(run_id="never-up", state_dir=tmp_path)
+    volume = client.volumes.create("qoe-test-never-up", labels={RUN_LABEL: "never-up"})
+    try:
+        stack.down()
+        assert volume.id not in {v.id for v in client.volumes.list()}
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            volume.remove()
