@@ -186,8 +186,8 @@ def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "benchmark", help="measure the stack's capacity; JSON and HTML under reports/out/<run>/"
     )
     bench.add_argument("--replicas", default="1,3", help="stream replica counts to measure")
-    bench.add_argument("--start-rate", type=float, default=2000)
-    bench.add_argument("--step-factor", type=float, default=1.3)
+    bench.add_argument("--start-rate", type=float, default=4000)
+    bench.add_argument("--step-factor", type=float, default=1.15)
     bench.add_argument("--max-rate", type=float, default=40_000)
     bench.add_argument("--stage", type=float, default=20, help="seconds per stage")
     bench.add_argument("--batch", type=int, default=500)

@@ -1113,19 +1113,21 @@ class StepResult:
             "held_rate": self.held_rate,
             "held_events_per_s": self.held_events_per_s,
             "verdict": self.verdict.to_dict() if self.verdict else None,
-            "stages": [
-                {
-                    "rate": s.spec.rate,
-                    "held": not s.breaches,
-                    "breaches": [b.message() for b in s.breaches],
-                    "run": s.phases["run"].to_dict(),
-                    "users": s.locust.users,
-                    "locust_cpu_s": s.locust.cpu_s,
-                    "events_per_locust_cpu_s": s.events_per_cpu_s(),
-                }
-                for s in self.stages
-            ],
+            "stages": [stage_summary(s) for s in self.stages],
         }
+
+
+def stage_summary(stage: LoadResult) -> dict[str, Any]:
+    """One stage of a rate search: offered rate, whether it held, and what it measured."""
+    return {
+        "rate": stage.spec.rate,
+        "held": not stage.breaches,
+        "breaches": [b.message() for b in stage.breaches],
+        "run": stage.phases["run"].to_dict(),
+        "users": stage.locust.users,
+        "locust_cpu_s": stage.locust.cpu_s,
+        "events_per_locust_cpu_s": stage.events_per_cpu_s(),
+    }
 
 
 def run_step(

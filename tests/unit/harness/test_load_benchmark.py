@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from harness import benchmark
 from harness.benchmark import cpu_cost, cpu_line, machine, render
+from harness.load import LoadSpec
 
 
 def fake_results() -> dict[str, object]:
@@ -103,3 +110,39 @@ def test_page_breaks_the_cpu_down_by_consumer() -> None:
     assert "Where the CPU went" in page
     assert "<td>nats-1</td><td>500</td><td>500</td>" in page
     assert "<th>900 (0.45)</th>" in page
+
+
+def test_refine_bisects_between_the_rate_that_held_and_the_one_that_did_not(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Stages at 18,600 held and 21,400 did not; the true limit is 20,300: two bisections try
+    20,000 (holds) then 20,700 (does not), each after the backlog drained."""
+    tried: list[float] = []
+    drained: list[str] = []
+
+    class Admin:
+        def __init__(self, urls: object) -> None:
+            pass
+
+        def await_acknowledged(self, what: str, timeout_s: float) -> float:
+            drained.append(what)
+            return 0.1
+
+    def fake_run(endpoints: object, spec: LoadSpec, out_dir: Path, **_: object) -> object:
+        tried.append(spec.rate)
+        run = SimpleNamespace(to_dict=lambda: {"events_per_s": spec.rate})
+        return SimpleNamespace(
+            spec=spec,
+            breaches=[SimpleNamespace(message=lambda: "freshness")] if spec.rate > 20_300 else [],
+            phases={"run": run},
+            locust=SimpleNamespace(users=1, cpu_s=1.0),
+            events_per_cpu_s=lambda: None,
+        )
+
+    monkeypatch.setattr(benchmark, "JetStreamAdmin", Admin)
+    monkeypatch.setattr(benchmark, "run_load", fake_run)
+    base = LoadSpec(rate=0, duration_s=20, batch_size=500)
+    stages = benchmark.refine(SimpleNamespace(nats_urls=()), base, 18_600, 21_400, tmp_path, print)
+    assert tried == [20_000, 20_700]
+    assert [s["held"] for s in stages] == [True, False]
+    assert all(s["refined"] for s in stages) and len(drained) == 2
