@@ -206,6 +206,7 @@ def measure(
         if not max_rate:
             return out
         for share in (0.5, 0.9):
+            drained(endpoints, log)  # the last stage failed: its backlog is not this run's
             spec = replace(base, rate=round(max_rate * share), duration_s=steady_s)
             result, cpu = measured_run(
                 stack,
@@ -220,6 +221,13 @@ def measure(
             log(result.summary())
             log(cpu_line(cpu))
         return out
+
+
+def drained(endpoints: Endpoints, log: Any) -> None:
+    """Wait until the aggregators acknowledged everything stored so far."""
+    admin = JetStreamAdmin(endpoints.nats_urls)
+    took = admin.await_acknowledged("the backlog of the stage before", timeout_s=300)
+    log(f"backlog acknowledged after {took:.1f} s")
 
 
 def refine(
@@ -237,14 +245,13 @@ def refine(
     the aggregators have caught up with what the stage before left, so a backlog is never
     charged to the next rate.
     """
-    admin = JetStreamAdmin(endpoints.nats_urls)
     stages: list[dict[str, Any]] = []
     for _ in range(steps):
         rate = float(round((held + failed) / 2 / 100) * 100)
         if rate in (held, failed):
             break
-        took = admin.await_acknowledged("the backlog of the stage before", timeout_s=300)
-        log(f"backlog acknowledged after {took:.1f} s; refining at {rate:g} events/s")
+        drained(endpoints, log)
+        log(f"refining at {rate:g} events/s")
         stage = run_load(
             endpoints,
             replace(base, rate=rate),
