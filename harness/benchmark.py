@@ -2,7 +2,8 @@
 
 For each stream replica count it brings up a fresh compose stack, raises the offered rate in
 steps until a stage stops holding (errors, falling behind the offered rate, or end-to-end
-freshness), takes the highest stage that held as the maximum sustainable rate, then runs
+freshness), bisects twice between the last stage that held and the first that did not, takes
+the highest stage that held as the maximum sustainable rate, then runs
 steady load at 50 % and 90 % of it for latency percentiles, freshness lag and the load
 generator's own cost, and proves the 50 % run exactly-once. Writes benchmark.json and a
 self-contained benchmark.html (inline SVG plots) under reports/out/<run-id>/.
@@ -206,7 +207,7 @@ def measure(
         if not max_rate:
             return out
         for share in (0.5, 0.9):
-            drained(endpoints, log)  # the last stage failed: its backlog is not this run's
+            drained(endpoints, log)  # the backlog of a failed stage is not this run's
             spec = replace(base, rate=round(max_rate * share), duration_s=steady_s)
             result, cpu = measured_run(
                 stack,
