@@ -21,7 +21,7 @@ import httpx
 import nats
 import psycopg
 import pytest
-from nats.js.api import StreamConfig
+from qoe.natsutil import StreamSettings
 
 from harness import checker
 from harness.containers import Service
@@ -37,8 +37,9 @@ def publish(nats_url: str, events: Sequence[Event], msg_id_suffix: str = "") -> 
     async def run() -> None:
         nc = await nats.connect(nats_url)
         js = nc.jetstream()
+        # The services' own config: the aggregator updates the stream to it when it starts.
         await js.add_stream(
-            StreamConfig(name="QOE_EVENTS", subjects=["qoe.events"], num_replicas=1)
+            StreamSettings(name="QOE_EVENTS", replicas=1, dedup_window_seconds=120).config()
         )
         for start in range(0, len(events), 500):
             await asyncio.gather(
@@ -54,6 +55,17 @@ def publish(nats_url: str, events: Sequence[Event], msg_id_suffix: str = "") -> 
         await nc.close()
 
     asyncio.run(run())
+
+
+def stream_messages(nats_url: str) -> int:
+    async def run() -> int:
+        nc = await nats.connect(nats_url)
+        try:
+            return int((await nc.jetstream().stream_info("QOE_EVENTS")).state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
 
 
 def _canonical(event: Event) -> bytes:
@@ -206,6 +218,13 @@ def test_redelivered_and_republished_events_count_once(aggregator, nats_service,
     variants = [replace(e, rtt_ms=e.rtt_ms + 1000) for e in events[:100]]
     publish(nats_service.url, variants, msg_id_suffix="#variant")
     verify(postgres_service.url, events, gen.probes)
+    # Acknowledged events leave the stream; kept, they filled JetStream's store and then
+    # every publish was refused.
+    wait_until(
+        lambda: stream_messages(nats_service.url) == 0,
+        timeout_s=30,
+        what="the stream to drop the events the aggregator acknowledged",
+    )
 
 
 @pytest.mark.meta

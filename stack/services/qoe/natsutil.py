@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StorageType, StreamConfig
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from qoe.config import Env, get_int, get_list, get_str
@@ -37,9 +37,13 @@ class StreamSettings:
         )
 
     def config(self) -> StreamConfig:
+        # Work-queue retention: an event leaves the stream once the aggregators acknowledge
+        # it. Under the default (limits, none set) every event stayed until JetStream's store
+        # was full (max_file_store), and from then on ingest could only answer 503.
         return StreamConfig(
             name=self.name,
             subjects=[EVENTS_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             num_replicas=self.replicas,
             duplicate_window=float(self.dedup_window_seconds),
