@@ -214,6 +214,7 @@ class DiagnoserSettings:
     database_url: str
     thresholds: Thresholds
     sweep_interval: float = 1.0
+    min_sweep_gap: float = 0.5
     batch_limit: int = 500
 
     @classmethod
@@ -222,6 +223,7 @@ class DiagnoserSettings:
             database_url=get_str("DATABASE_URL", None, env),
             thresholds=Thresholds.from_env(env),
             sweep_interval=get_float("SWEEP_INTERVAL_SECONDS", 1.0, env, minimum=0.05),
+            min_sweep_gap=get_float("MIN_SWEEP_GAP_SECONDS", 0.5, env, minimum=0.0),
         )
 
 
@@ -241,12 +243,19 @@ class Diagnoser:
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(base=0.1, cap=5.0)
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             self.wake.clear()
+            started = loop.time()
             try:
                 await self.sweep_all(stop)
                 backoff.reset()
                 await self._wait(stop, self.settings.sweep_interval)
+                # Every aggregator commit sends a hint (tens a second under load). Sweeping on
+                # each re-judged and re-marked the same windows many times a second, which cost
+                # the database more than the diagnoses are worth; a gap lets changes pile up.
+                gap = self.settings.min_sweep_gap - (loop.time() - started)
+                await sleep_or_stop(stop, gap)
             except Exception as exc:
                 DB_ERRORS.inc()
                 self.db_problem = f"{type(exc).__name__}: {exc}".strip()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import pytest
 from qoe.config import ConfigError
 from qoe.diagnoser import (
     INSERT_SQL,
     REPLACE_SQL,
+    Diagnoser,
+    DiagnoserSettings,
     Diagnosis,
     Thresholds,
     WindowSums,
@@ -83,3 +88,28 @@ def test_integer_thresholds_still_give_float_columns() -> None:
     # psycopg cannot send a list mixing int and float as one array parameter.
     [d] = diagnose(window(samples=1, rtt=20, throughput=5000), Thresholds(high_latency_ms=10))
     assert isinstance(d.observed, float) and isinstance(d.threshold, float)
+
+
+def test_a_stream_of_hints_does_not_sweep_more_often_than_the_gap_allows() -> None:
+    settings = DiagnoserSettings("postgresql://unused", DEFAULTS, min_sweep_gap=0.2)
+    diagnoser = Diagnoser(settings)
+    sweeps: list[float] = []
+
+    async def sweep_all(stop: asyncio.Event) -> None:
+        sweeps.append(asyncio.get_running_loop().time())
+
+    diagnoser.sweep_all = sweep_all  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        running = asyncio.create_task(diagnoser.run(stop))
+        for _ in range(100):  # a hint every 10 ms, as aggregator commits send them under load
+            await diagnoser.on_hint(None)
+            await asyncio.sleep(0.01)
+        stop.set()
+        await running
+
+    asyncio.run(scenario())
+    gaps = [b - a for a, b in itertools.pairwise(sweeps)]
+    assert 3 <= len(sweeps) <= 6, sweeps
+    assert min(gaps) >= 0.19, gaps
