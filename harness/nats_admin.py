@@ -65,6 +65,14 @@ class JetStreamAdmin:
 
         return self._call(info)
 
+    def stored_messages(self) -> int:
+        """How many messages the stream holds now."""
+
+        async def info(js: Any) -> int:
+            return int((await js.stream_info(self.stream)).state.messages)
+
+        return self._call(info)
+
     def ack_floor(self, consumer: str = CONSUMER) -> int:
         """The stream sequence up to which the consumer has acknowledged every message."""
 

@@ -26,6 +26,7 @@ from qoe.natsutil import StreamSettings
 from harness import checker
 from harness.containers import Service
 from harness.history import Event, History, Operation, Outcome
+from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
 from harness.workload import EventGenerator
 
@@ -55,17 +56,6 @@ def publish(nats_url: str, events: Sequence[Event], msg_id_suffix: str = "") -> 
         await nc.close()
 
     asyncio.run(run())
-
-
-def stream_messages(nats_url: str) -> int:
-    async def run() -> int:
-        nc = await nats.connect(nats_url)
-        try:
-            return int((await nc.jetstream().stream_info("QOE_EVENTS")).state.messages)
-        finally:
-            await nc.close()
-
-    return asyncio.run(run())
 
 
 def _canonical(event: Event) -> bytes:
@@ -221,7 +211,7 @@ def test_redelivered_and_republished_events_count_once(aggregator, nats_service,
     # Acknowledged events leave the stream; kept, they filled JetStream's store and then
     # every publish was refused.
     wait_until(
-        lambda: stream_messages(nats_service.url) == 0,
+        lambda: JetStreamAdmin([nats_service.url]).stored_messages() == 0,
         timeout_s=30,
         what="the stream to drop the events the aggregator acknowledged",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 from qoe.config import ConfigError
@@ -109,7 +110,9 @@ def test_a_stream_of_hints_does_not_sweep_more_often_than_the_gap_allows() -> No
         stop.set()
         await running
 
+    started = time.monotonic()
     asyncio.run(scenario())
+    elapsed = time.monotonic() - started  # about 1 s; more on a busy machine
     gaps = [b - a for a, b in itertools.pairwise(sweeps)]
-    assert 3 <= len(sweeps) <= 6, sweeps
+    assert 3 <= len(sweeps) <= elapsed / 0.2 + 1, (elapsed, sweeps)
     assert min(gaps) >= 0.19, gaps
