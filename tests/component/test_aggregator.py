@@ -182,11 +182,14 @@ def test_sigkill_mid_batch_double_counts_nothing(aggregator, nats_service, postg
     gen = generator("kill")
     events: list[Event] = []
     for _ in range(3):
-        # A fresh backlog each round: what one left behind can be gone before the restarted
-        # aggregator reports ready, and there would be nothing to be part-way through.
+        # A fresh backlog each round, stored whole while the aggregator is down. Published
+        # while it ran, it kept pace with the publisher and could finish between two polls,
+        # and there was nothing left to be part-way through.
+        aggregator.kill()
         counted = len(events)
         events += gen.batch(10_000)
         publish(nats_service.url, events[counted:])
+        aggregator.start()
         # Kill while the backlog is partly committed: some batches were fetched, not all acked.
         wait_until(
             part_way(postgres_service.url, gen.probes, counted, len(events)),
@@ -194,8 +197,8 @@ def test_sigkill_mid_batch_double_counts_nothing(aggregator, nats_service, postg
             interval_s=0.01,
             what="the aggregator part-way through the backlog",
         )
-        aggregator.kill()
-        aggregator.start()
+    aggregator.kill()
+    aggregator.start()
     verify(postgres_service.url, events, gen.probes)
 
 
