@@ -190,7 +190,8 @@ def test_sigkill_mid_batch_double_counts_nothing(aggregator, nats_service, postg
         events += gen.batch(10_000)
         publish(nats_service.url, events[counted:])
         aggregator.start()
-        # Kill while the backlog is partly committed: some batches were fetched, not all acked.
+        # The next kill lands while the backlog is partly committed: some batches were fetched,
+        # not all acked.
         wait_until(
             part_way(postgres_service.url, gen.probes, counted, len(events)),
             timeout_s=60,
