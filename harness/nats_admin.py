@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import nats
-from nats.js.api import StreamConfig
+from nats.js.api import StreamConfig, StreamState
 
 from harness.polling import wait_until
 
@@ -57,21 +57,19 @@ class JetStreamAdmin:
 
         return self._call(publish)
 
-    def last_sequence(self) -> int:
-        """The stream sequence of the newest stored message."""
-
-        async def info(js: Any) -> int:
-            return int((await js.stream_info(self.stream)).state.last_seq)
+    def _stream_state(self) -> StreamState:
+        async def info(js: Any) -> StreamState:
+            return (await js.stream_info(self.stream)).state
 
         return self._call(info)
+
+    def last_sequence(self) -> int:
+        """The stream sequence of the newest stored message."""
+        return int(self._stream_state().last_seq)
 
     def stored_messages(self) -> int:
         """How many messages the stream holds now."""
-
-        async def info(js: Any) -> int:
-            return int((await js.stream_info(self.stream)).state.messages)
-
-        return self._call(info)
+        return int(self._stream_state().messages)
 
     def ack_floor(self, consumer: str = CONSUMER) -> int:
         """The stream sequence up to which the consumer has acknowledged every message."""
