@@ -53,8 +53,11 @@ MARKERS = {
 }
 REUSE_PROJECT = "qoe-dev"
 
+# Every profile runs examples against the live stack through function-scoped fixtures (one
+# stack, reused by each example on purpose), with no per-example deadline: a network round trip
+# is not a slow test. `live` is loaded unless the run names another profile, with or without CI.
 settings.register_profile(
-    "ci", max_examples=8, deadline=None, suppress_health_check=list(HealthCheck)
+    "live", max_examples=8, deadline=None, suppress_health_check=list(HealthCheck)
 )
 settings.register_profile(
     "thorough", max_examples=100, deadline=None, suppress_health_check=list(HealthCheck)
@@ -147,8 +150,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.self_contained_html = True
     if getattr(config.option, "xmlpath", None) is None:
         config.option.xmlpath = str(run_dir / "junit.xml")
-    if os.environ.get("CI") and config.getoption("hypothesis_profile", None) is None:
-        settings.load_profile("ci")
+    if config.getoption("hypothesis_profile", None) is None:
+        settings.load_profile("live")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

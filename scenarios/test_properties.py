@@ -2,8 +2,8 @@
 batches, ids reused with other payloads, boundary and out-of-order timestamps) must always
 leave the aggregates and diagnoses the oracle predicts.
 
-The example budget comes from the hypothesis profile: `ci` (set when CI=true) is small,
-`--hypothesis-profile thorough` runs many more.
+The example budget comes from the hypothesis profile: `live` (the default, with or without
+CI=true) is small, `--hypothesis-profile thorough` runs many more.
 """
 
 from __future__ import annotations
