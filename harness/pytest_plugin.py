@@ -7,7 +7,6 @@ reports/out/<run-id>/.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shlex
