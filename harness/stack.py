@@ -1,10 +1,15 @@
 """The stack under test: bring it up, tear it down, and say where its endpoints are.
 
-Two backends share one interface. `ComposeStack` owns a compose project built from the reference
-stack's tier files: a unique project per run, per-run secrets, `up --wait`, teardown of every
-container, network and volume, even after a failure or Ctrl-C; resources left by a killed run
-are reaped by label on the next start. `ExternalStack` points the harness at a deployment that
-is already running, described by an endpoints file.
+`open_stack(StackOptions)` is the one way to get a stack, whichever backend runs it. Every
+backend is a `Stack` (up, endpoints, logs, down); what only some backends can do is a
+capability protocol a scenario asks for (`ServiceControl`: the container behind each service,
+for kills and pauses; `Reconfigurable`: new settings on the running stack; `Metered`: CPU per
+service), after Jepsen's `db` protocols. `ComposeStack` owns a compose project built from the
+reference stack's tier files: a unique project per run, per-run secrets, `up --wait`, teardown
+of every container, network and volume, even after a failure or Ctrl-C; resources left by a
+killed run are reaped by label on the next start. `ExternalStack` points the harness at a
+deployment that is already running, described by an endpoints file. `harness.swarm` spreads
+the same tiers over several Docker hosts.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
 import docker
-from python_on_whales import DockerClient
+from python_on_whales import Container, DockerClient
 from python_on_whales.exceptions import DockerException
 
 from harness.polling import wait_until
@@ -138,18 +143,94 @@ class StackSettings:
         return {f"{s}_SEEDED_BUGS": ",".join(bugs) for s, bugs in by_service.items()}
 
 
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+BACKENDS = ("compose", "external", "swarm")
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """How a run wants its stack; built from pytest options or CLI args, nowhere else."""
+
+    backend: str = "compose"  # one of BACKENDS
+    run_id: str = field(default_factory=new_run_id)
+    state_dir: Path = STATE_DIR
+    settings: StackSettings = StackSettings()
+    keep: bool = False  # left up after the run (--reuse-stack, `harness up`)
+    project: str | None = None  # fixed project name (the kept dev stack) instead of qoe-<run_id>
+    timeout_s: int = 180
+    endpoints_file: Path | None = None  # external backend
+    hosts_file: Path | None = None  # swarm on real machines (--hosts FILE); None: hosts made here
+
+
 class Stack(Protocol):
-    """What scenarios need from a stack, whichever backend runs it."""
+    """What every backend has; scenarios needing more ask for a capability protocol below."""
 
     name: str
+    settings: StackSettings
+    bring_up_s: float | None
 
-    def up(self) -> Endpoints: ...
+    def up(self) -> Endpoints: ...  # bring up (or attach) and return the endpoints
+    def endpoints(self) -> Endpoints: ...  # as they are now (re-read, e.g. after restarts)
     def down(self) -> None: ...
     def logs(self, services: list[str] | None = None, tail: int = 200) -> dict[str, str]: ...
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+@runtime_checkable
+class ServiceControl(Protocol):
+    """Capability: the container behind each (compose) service name, and its engine."""
+
+    def engine(self, service: str) -> DockerClient: ...  # the engine that runs it
+    def container(self, service: str) -> Container: ...  # its current container
+    def start(self, services: Sequence[str]) -> None: ...  # bring stopped ones back, running
+
+
+@runtime_checkable
+class Reconfigurable(Protocol):
+    """Capability: new StackSettings on the running stack."""
+
+    def apply(self, settings: StackSettings) -> Endpoints: ...
+
+
+@runtime_checkable
+class Metered(Protocol):
+    """Capability: CPU seconds (user + system) each service has used (the benchmark's)."""
+
+    def cpu_seconds(self) -> dict[str, float]: ...
+
+
+def open_stack(options: StackOptions) -> Stack:
+    """The stack `options` ask for, not yet up (`up()` brings it up or attaches to it)."""
+    if options.backend == "compose":
+        return ComposeStack(
+            run_id=options.run_id,
+            state_dir=options.state_dir,
+            settings=options.settings,
+            keep=options.keep,
+            timeout_s=options.timeout_s,
+            project=options.project,
+        )
+    if options.backend == "external":
+        if options.endpoints_file is None:
+            raise StackError(
+                "the external backend needs the deployment's endpoints file: pass "
+                "--stack-endpoints FILE (see README, 'External deployments')"
+            )
+        return ExternalStack(options.endpoints_file)
+    if options.backend == "swarm":
+        try:
+            from harness.swarm import SwarmStack
+        except ModuleNotFoundError as error:
+            if error.name != "harness.swarm":
+                raise  # the backend is there but something it imports is not: show that
+            raise StackError(
+                "the swarm backend is not available in this checkout (no harness/swarm.py); "
+                "use --stack compose or --stack external"
+            ) from error
+        return SwarmStack(options)
+    raise StackError(f"unknown stack backend {options.backend!r}; choose one of {BACKENDS}")
 
 
 def log(message: str) -> None:
@@ -438,7 +519,7 @@ class ComposeStack:
                 result[service] = f"(logs unavailable: {error})"
         return result
 
-    def container(self, service: str) -> Any:
+    def container(self, service: str) -> Container:
         found = self.docker.compose.ps(services=[service], all=True)
         if not found:
             raise StackError(f"no container for service {service!r} in project {self.name}")
