@@ -20,6 +20,9 @@ KNOWN: tuple[str, ...] = (
     "ingest_early_ack",
     "window_off_by_one",
     "probe_drop_after_503",
+    "ingest_offset_sign_ignored",
+    "ingest_ts_bounds_in_whole_minutes",
+    "diagnoser_threshold_inclusive",
 )
 
 _active: frozenset[str] | None = None

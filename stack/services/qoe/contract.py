@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from qoe import bugs
+
 MAX_BODY_BYTES = 1024 * 1024
 MAX_EVENTS = 1000
 PAST_LIMIT = timedelta(hours=24)
@@ -138,7 +140,9 @@ def _offset(text: str) -> timezone:
     if hours > 23 or minutes > 59:
         raise ValueError(f"offset {text} out of range")
     delta = timedelta(hours=hours, minutes=minutes)
-    return timezone(-delta if text[0] == "-" else delta)
+    # Seeded bug ingest_offset_sign_ignored: "-05:00" read as "+05:00".
+    negative = text[0] == "-" and not bugs.enabled("ingest_offset_sign_ignored")
+    return timezone(-delta if negative else delta)
 
 
 def format_ts(ts: datetime) -> str:
@@ -181,9 +185,17 @@ def check_event(raw: Any, now: datetime | None) -> ValidEvent:
 
 
 def _check_ts_window(ts: datetime, now: datetime) -> None:
-    if ts < now - PAST_LIMIT:
+    if bugs.enabled("ingest_ts_bounds_in_whole_minutes"):
+        # Seeded bug: distances counted in whole minutes, so each bound lets up to 59.999 s
+        # more through (24 h 0 min 59 s in the past, 5 min 59 s in the future).
+        minute = timedelta(minutes=1)
+        too_old = (now - ts) // minute > PAST_LIMIT // minute
+        too_new = (ts - now) // minute > FUTURE_LIMIT // minute
+    else:
+        too_old, too_new = ts < now - PAST_LIMIT, ts > now + FUTURE_LIMIT
+    if too_old:
         raise InvalidEvent("ts", "more than 24 h in the past")
-    if ts > now + FUTURE_LIMIT:
+    if too_new:
         raise InvalidEvent("ts", "more than 5 min in the future")
 
 

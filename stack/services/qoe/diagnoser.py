@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import Counter, Histogram
 from psycopg.types.json import Jsonb
 
-from qoe import db, natsutil
+from qoe import bugs, db, natsutil
 from qoe.config import Env, get_float, get_str
 from qoe.service import Backoff, HttpServer, RateLimitedLog, http_port, make_app, run, sleep_or_stop
 
@@ -87,11 +87,19 @@ def diagnose(window: WindowSums, t: Thresholds) -> list[Diagnosis]:
         ("packet_loss", window.loss_sum / n, t.packet_loss_pct, True),
         ("low_throughput", window.throughput_sum / n, t.low_throughput_kbps, False),
     )
+    on_threshold_holds = bugs.enabled("diagnoser_threshold_inclusive")
     return [
         Diagnosis(kind, float(observed), float(threshold))  # floats: one array type in SQL
         for kind, observed, threshold, above in checks
-        if (observed > threshold if above else observed < threshold)
+        if _rule_holds(observed, threshold, above, on_threshold_holds)
     ]
+
+
+def _rule_holds(observed: float, threshold: float, above: bool, on_threshold_holds: bool) -> bool:
+    if observed == threshold:
+        # True only with the seeded bug diagnoser_threshold_inclusive (>= and <=).
+        return on_threshold_holds
+    return observed > threshold if above else observed < threshold
 
 
 CLAIM_SQL = """

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from qoe import bugs
 from qoe.contract import (
     MAX_BODY_BYTES,
     InvalidEvent,
@@ -215,6 +216,36 @@ def test_ts_window_respects_offsets() -> None:
         validate_batch(body_of(make_event(ts="2024-05-01T12:04:00+01:00")), NOW), ValidBatch
     )
     assert one_error(make_event(ts="2024-05-01T11:06:00-01:00"))["field"] == "ts"
+
+
+def test_offset_sign_bug_reads_negative_offsets_as_positive() -> None:
+    text = "2024-05-01T07:00:00-05:00"
+    assert parse_ts(text) == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    bugs.reset(frozenset({"ingest_offset_sign_ignored"}))
+    assert parse_ts(text) == datetime(2024, 5, 1, 2, tzinfo=UTC)
+    assert parse_ts("2024-05-01T17:00:00+05:00") == datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_ts("2024-05-01T12:00:00Z") == datetime(2024, 5, 1, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("offset", "honest", "whole_minutes_bug"),
+    [
+        (-timedelta(hours=24), True, True),
+        (-timedelta(hours=24, seconds=2), False, True),
+        (-timedelta(hours=24, seconds=59, microseconds=999999), False, True),
+        (-timedelta(hours=24, minutes=1), False, False),
+        (timedelta(minutes=5), True, True),
+        (timedelta(minutes=5, seconds=2), False, True),
+        (timedelta(minutes=6), False, False),
+    ],
+)
+def test_whole_minutes_bug_loosens_both_ts_bounds_by_up_to_a_minute(
+    offset: timedelta, honest: bool, whole_minutes_bug: bool
+) -> None:
+    event = make_event(ts=format_ts(NOW + offset))
+    assert isinstance(validate_batch(body_of(event), NOW), ValidBatch) is honest
+    bugs.reset(frozenset({"ingest_ts_bounds_in_whole_minutes"}))
+    assert isinstance(validate_batch(body_of(event), NOW), ValidBatch) is whole_minutes_bug
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import itertools
 import time
 
 import pytest
+from qoe import bugs
 from qoe.config import ConfigError
 from qoe.diagnoser import (
     INSERT_SQL,
@@ -56,6 +57,16 @@ def test_comparisons_are_strict_at_the_threshold() -> None:
     assert kinds(window(rtt=150, jitter=30, loss=2, throughput=1000)) == []
     assert kinds(window(rtt=150.001)) == ["high_latency"]
     assert kinds(window(throughput=999.999)) == ["low_throughput"]
+
+
+def test_inclusive_threshold_bug_diagnoses_averages_exactly_on_the_threshold() -> None:
+    on_every_threshold = window(rtt=150, jitter=30, loss=2, throughput=1000)
+    bugs.reset(frozenset({"diagnoser_threshold_inclusive"}))
+    assert kinds(on_every_threshold) == [
+        "high_latency", "high_jitter", "packet_loss", "low_throughput"
+    ]  # fmt: skip
+    assert kinds(window(rtt=149.999, jitter=29.9, loss=1.9, throughput=1000.001)) == []
+    assert kinds(window(rtt=150.001)) == ["high_latency"]
 
 
 def test_rules_use_averages_not_sums() -> None:
