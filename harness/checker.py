@@ -206,6 +206,8 @@ Diagnoses = dict[str, tuple[float, float]]
 def diagnose(agg: Aggregate, rules: Rules) -> Diagnoses:
     """The diagnoses CONTRACT.md requires for a window: kind -> (observed avg, threshold)."""
     out: Diagnoses = {}
+    if agg.samples <= 0:
+        return out
     for kind, (sum_field, rule, above) in KINDS.items():
         avg = getattr(agg, sum_field) / agg.samples
         threshold = getattr(rules, rule)
@@ -215,34 +217,35 @@ def diagnose(agg: Aggregate, rules: Rules) -> Diagnoses:
 
 
 def _diagnosis_problems(
-    basis: Aggregate, observed: Mapping[str, tuple[float, float]], rules: Rules
+    row: Aggregate, observed: Mapping[str, tuple[float, float]], rules: Rules
 ) -> list[str]:
-    """Compare observed diagnoses with the rules applied to ``basis``.
+    """Compare observed diagnoses with the rules applied to the window's row as it is shown.
 
-    When the average is within float error of the threshold, either answer is accepted:
-    the platform's sum may round to the other side.
+    The contract applies each rule to the window's averages, the row's sum / samples, so the
+    answer is exact: an average exactly on a threshold is no diagnosis, one a float step past
+    it is. (Judging the oracle's own sums instead needs a float slack, and a slack accepts
+    either answer just where a wrong comparison shows.) Whether the row itself is right is
+    the aggregate check's business.
     """
+    expected = diagnose(row, rules)
     problems: list[str] = []
     for kind, (sum_field, rule, above) in KINDS.items():
-        total = getattr(basis, sum_field)
-        avg = total / basis.samples
+        avg = getattr(row, sum_field) / row.samples if row.samples > 0 else math.nan
         threshold = getattr(rules, rule)
-        slack = sum_tolerance(basis.samples, total) / basis.samples + _ABS_TOL * max(1.0, abs(avg))
-        margin = (avg - threshold) if above else (threshold - avg)
         op = ">" if above else "<"
         got = observed.get(kind)
         if got is None:
-            if margin > slack:
-                problems.append(f"diagnosis {kind} missing (avg {avg:.6g} {op} {threshold:g})")
+            if kind in expected:
+                problems.append(f"diagnosis {kind} missing (avg {avg!r} {op} {threshold:g})")
             continue
         seen_avg, seen_threshold = got
-        if margin < -slack:
+        if kind not in expected:
             problems.append(
-                f"unexpected diagnosis {kind} (observed {seen_avg:.6g}, threshold "
-                f"{seen_threshold:g}) but avg {avg:.6g} is not {op} {threshold:g}"
+                f"unexpected diagnosis {kind} (observed {seen_avg!r}, threshold "
+                f"{seen_threshold:g}) but avg {avg!r} is not {op} {threshold:g}"
             )
             continue
-        if abs(seen_avg - avg) > slack:
+        if abs(seen_avg - avg) > _ABS_TOL * max(1.0, abs(avg)):
             problems.append(f"diagnosis {kind} observed value {seen_avg!r}, expected avg {avg!r}")
         if abs(seen_threshold - threshold) > _ABS_TOL * max(1.0, abs(threshold)):
             problems.append(
@@ -486,14 +489,14 @@ def _check_exact(
             observed_diagnoses=observed_diag,
         )
     problems = _aggregate_problems(expected, observed)
-    problems += _diagnosis_problems(expected, observed_diag, rules)
+    problems += _diagnosis_problems(observed, observed_diag, rules)
     return WindowVerdict(
         key,
         expected,
         observed,
         not problems,
         "; ".join(problems),
-        expected_diagnoses=diagnose(expected, rules),
+        expected_diagnoses=diagnose(observed, rules),
         observed_diagnoses=observed_diag,
     )
 

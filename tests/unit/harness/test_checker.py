@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from harness.checker import (
     Aggregate,
+    Expectation,
     Observed,
     Rules,
     Verdict,
@@ -341,6 +343,52 @@ def test_diagnosis_exactly_at_the_threshold_is_not_raised() -> None:
         "packet_loss",
         "low_throughput",
     }
+
+
+def _one_window(*losses: float) -> tuple[Expectation, Observed]:
+    evs = [ev(f"e{i}", sec=i, loss=x) for i, x in enumerate(losses)]
+    return expectation(History([op(Outcome.OK, *evs)]), W), observe(evs)
+
+
+@pytest.mark.parametrize(
+    ("losses", "diagnosed"),
+    [
+        ((2.0, 2.0), False),  # exactly on the threshold: > is false
+        ((2.5, 1.5), False),  # spread, the sum still exact
+        ((math.nextafter(2.0, 3.0),), True),  # one float step above
+        ((math.nextafter(2.0, 0.0),), False),  # one float step below
+    ],
+)
+def test_a_diagnosis_exactly_on_the_threshold_is_judged_exactly(
+    losses: tuple[float, ...], diagnosed: bool
+) -> None:
+    """The oracle used to accept either answer within float error of a threshold, so a
+    diagnoser comparing with >= passed; now the rule is applied to the row exactly."""
+    exp, obs = _one_window(*losses)
+    ((key, row),) = obs.aggregates.items()
+    assert ("packet_loss" in obs.diagnoses.get(key, {})) is diagnosed
+    assert check(exp, obs.aggregates, obs.diagnoses, RULES).valid
+    avg = row.loss_sum / row.samples
+    flipped = dict(obs.diagnoses.get(key, {}))
+    if diagnosed:
+        del flipped["packet_loss"]
+        problem = "diagnosis packet_loss missing"
+    else:
+        flipped["packet_loss"] = (avg, 2.0)
+        problem = f"unexpected diagnosis packet_loss (observed {avg!r}, threshold 2) but avg"
+    verdict = check(exp, obs.aggregates, {key: flipped}, RULES)
+    assert not verdict.valid and problem in verdict.summary(), verdict.summary()
+
+
+def test_diagnoses_follow_the_row_shown_when_its_sum_rounds_past_the_threshold() -> None:
+    """The exact average is on the threshold, the platform's sum one rounding above it: the
+    rule holds on the row the platform shows, so its diagnosis is right (and required)."""
+    exp, obs = _one_window(2.4, 2.0, 1.9, 1.8, 2.3, 1.9, 1.7)
+    ((key, row),) = obs.aggregates.items()
+    assert row.loss_sum / row.samples > 2.0 and "packet_loss" in obs.diagnoses[key]
+    assert check(exp, obs.aggregates, obs.diagnoses, RULES).valid
+    verdict = check(exp, obs.aggregates, {}, RULES)
+    assert "diagnosis packet_loss missing" in verdict.summary()
 
 
 def test_float_sums_within_tolerance_pass_and_beyond_fail() -> None:
