@@ -13,9 +13,10 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "Timeline",
+    "TsForm",
 ]
 
 
@@ -38,8 +40,81 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class TsForm:
+    """How an event's ts is written on the wire: RFC 3339 writes one instant in many forms.
+
+    ``offset_minutes`` is the offset written (-1439..1439: at most 23:59 either way);
+    ``utc`` how a zero offset is written ("Z", "z", "+00:00" or "-00:00"); ``separator``
+    "T" or "t"; ``digits`` the fraction digits (0-9). More digits than asked are written when
+    the instant needs them, so the text always means the event's ts; digits past the
+    microsecond are 9s, which a reader must truncate (one that rounds moves the event).
+    """
+
+    offset_minutes: int = 0
+    utc: str = "+00:00"
+    separator: str = "T"
+    digits: int = 6
+
+    def __post_init__(self) -> None:
+        if not -1439 <= self.offset_minutes <= 1439:
+            raise ValueError(f"offset {self.offset_minutes} min: RFC 3339 allows -23:59..+23:59")
+        if self.utc not in ("Z", "z", "+00:00", "-00:00"):
+            raise ValueError(f"zero offset {self.utc!r}: write Z, z, +00:00 or -00:00")
+        if self.separator not in ("T", "t") or not 0 <= self.digits <= 9:
+            raise ValueError(f"separator {self.separator!r} (T or t), digits {self.digits} (0-9)")
+
+    def render(self, ts: datetime) -> str:
+        if self is UTC_MICROSECONDS:
+            return ts.astimezone(UTC).isoformat(timespec="microseconds")
+        local = ts.astimezone(timezone(timedelta(minutes=self.offset_minutes)))
+        micros = f"{local.microsecond:06d}"
+        digits = max(self.digits, len(micros.rstrip("0")))
+        fraction = (micros + "9" * 3)[:digits]
+        text = local.strftime(f"%Y-%m-%d{self.separator}%H:%M:%S")
+        return f"{text}.{fraction}{self.suffix()}" if digits else f"{text}{self.suffix()}"
+
+    def suffix(self) -> str:
+        if self.offset_minutes == 0:
+            return self.utc
+        hours, minutes = divmod(abs(self.offset_minutes), 60)
+        return f"{'-' if self.offset_minutes < 0 else '+'}{hours:02d}:{minutes:02d}"
+
+    @staticmethod
+    def of(text: str) -> TsForm:
+        """The form of an RFC 3339 timestamp (its sub-microsecond digits are not kept)."""
+        if len(text) == 32 and text[19] == "." and text[10] == "T" and text[26:] == "+00:00":
+            return UTC_MICROSECONDS  # what the harness writes by default: no parsing
+        end = len(text) - (1 if text[-1] in "Zz" else 6)
+        digits = end - 20 if len(text) > 19 and text[19] == "." else 0
+        return _form(text[end:], text[10], min(digits, 9))
+
+
+UTC_MICROSECONDS = TsForm()
+
+
+@lru_cache(maxsize=4096)
+def _form(suffix: str, separator: str, digits: int) -> TsForm:
+    if suffix in ("Z", "z", "+00:00", "-00:00"):
+        form = TsForm(utc=suffix, separator=separator, digits=digits)
+    else:
+        minutes = int(suffix[1:3]) * 60 + int(suffix[4:6])
+        form = TsForm(-minutes if suffix[0] == "-" else minutes, separator=separator, digits=digits)
+    return UTC_MICROSECONDS if form == UTC_MICROSECONDS else form
+
+
+def parse_ts(text: str) -> datetime:
+    """An RFC 3339 timestamp as an aware datetime (fractions past microseconds truncated)."""
+    # fromisoformat takes every RFC 3339 form but lower-case t and z, and truncates fractions.
+    return datetime.fromisoformat(text.upper())
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
-    """One QoE measurement, as sent on the wire (see stack/CONTRACT.md)."""
+    """One QoE measurement, as sent on the wire (see stack/CONTRACT.md).
+
+    ``ts`` is the instant; ``ts_form`` only says how it is written (equal instants written in
+    other forms are the same event, as the platform stores it in UTC).
+    """
 
     event_id: str
     probe_id: str
@@ -49,6 +124,7 @@ class Event:
     jitter_ms: float
     loss_pct: float
     throughput_kbps: float
+    ts_form: TsForm = field(default=UTC_MICROSECONDS, compare=False)
 
     def __post_init__(self) -> None:
         if self.ts.tzinfo is None or self.ts.utcoffset() is None:
@@ -60,12 +136,12 @@ class Event:
         object.__setattr__(self, "ts", self.ts.astimezone(UTC))
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON object the ingest API expects (ts in RFC 3339 with microseconds)."""
+        """The JSON object the ingest API expects (ts in RFC 3339, written in ``ts_form``)."""
         return {
             "event_id": self.event_id,
             "probe_id": self.probe_id,
             "target": self.target,
-            "ts": self.ts.isoformat(timespec="microseconds"),
+            "ts": self.ts_form.render(self.ts),
             "rtt_ms": self.rtt_ms,
             "jitter_ms": self.jitter_ms,
             "loss_pct": self.loss_pct,
@@ -74,17 +150,18 @@ class Event:
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Event:
-        """Parse the wire form back (accepts a trailing ``Z`` as well as an offset)."""
-        ts = datetime.fromisoformat(str(d["ts"]).replace("Z", "+00:00"))
+        """Parse the wire form back: any RFC 3339 form, kept as ``ts_form``."""
+        text = str(d["ts"])
         return cls(
             event_id=str(d["event_id"]),
             probe_id=str(d["probe_id"]),
             target=str(d["target"]),
-            ts=ts,
+            ts=parse_ts(text),
             rtt_ms=float(d["rtt_ms"]),
             jitter_ms=float(d["jitter_ms"]),
             loss_pct=float(d["loss_pct"]),
             throughput_kbps=float(d["throughput_kbps"]),
+            ts_form=TsForm.of(text),
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.history import Event, History, Mark, Operation, Outcome, Timeline
+from harness.history import Event, History, Mark, Operation, Outcome, Timeline, TsForm
 
 
 def _event(i: int, ts: datetime | None = None) -> Event:
@@ -50,6 +50,38 @@ def test_event_from_wire_accepts_z_and_other_offsets() -> None:
     assert Event.from_wire(wire).ts == datetime(2024, 5, 1, 12, 0, 1, 123456, tzinfo=UTC)
     wire["ts"] = "2024-05-01T12:00:01.123456Z"
     assert Event.from_wire(wire) == _event(1)
+
+
+@pytest.mark.parametrize(
+    ("form", "text"),
+    [
+        (TsForm(utc="Z", digits=0), "2024-05-01T12:00:00Z"),
+        (TsForm(utc="z", separator="t", digits=3), "2024-05-01t12:00:00.000z"),
+        (TsForm(utc="-00:00", digits=9), "2024-05-01T12:00:00.000000999-00:00"),
+        (TsForm(330, digits=1), "2024-05-01T17:30:00.0+05:30"),
+        (TsForm(-1439), "2024-04-30T12:01:00.000000-23:59"),
+        (TsForm(1439, digits=0), "2024-05-02T11:59:00+23:59"),
+    ],
+)
+def test_ts_forms_write_one_instant_and_read_back(form: TsForm, text: str) -> None:
+    e = Event("e", "p", "t", datetime(2024, 5, 1, 12, tzinfo=UTC), 1.0, 1.0, 0.0, 1.0, form)
+    assert e.to_wire()["ts"] == text
+    back = Event.from_wire(e.to_wire())
+    assert back == e and back.ts_form == form and back.to_wire() == e.to_wire()
+
+
+def test_ts_form_writes_the_digits_an_instant_needs_and_truncatable_nanoseconds() -> None:
+    ts = datetime(2024, 5, 1, 11, 59, 59, 999999, tzinfo=UTC)
+    assert TsForm(utc="Z", digits=0).render(ts) == "2024-05-01T11:59:59.999999Z"
+    # 9s past the microsecond: a reader that rounds would move this event into 12:00.
+    assert TsForm(utc="Z", digits=9).render(ts) == "2024-05-01T11:59:59.999999999Z"
+    assert Event.from_wire({**_event(1).to_wire(), "ts": "2024-05-01T11:59:59.999999999Z"}).ts == ts
+
+
+def test_ts_form_rejects_what_rfc3339_cannot_write() -> None:
+    for bad in ({"offset_minutes": 1440}, {"utc": "UTC"}, {"separator": " "}, {"digits": 10}):
+        with pytest.raises(ValueError):
+            TsForm(**bad)  # type: ignore[arg-type]
 
 
 def test_event_normalises_to_utc_so_equal_instants_are_equal() -> None:
