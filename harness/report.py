@@ -32,6 +32,7 @@ __all__ = ["TEMPLATES", "RunReport", "ScenarioResult", "render", "render_html", 
 TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
 TEMPLATE_NAME = "summary.html.j2"
 SCHEMA_VERSION = 1
+TESTS_SUITE = "tests"  # unit and component tests: one line of counts on the page
 
 # Row order of the timeline; unknown sources follow in alphabetical order.
 _SOURCES = ("nemesis", "docker", "workload", "checker", "scenario")
@@ -42,6 +43,8 @@ _COLORS = {
     "checker": "#9467bd",
     "scenario": "#7f7f7f",
 }
+# One colour per fault name in a picture (reds and browns first: green is the recovery).
+_FAULT_COLOURS = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f")
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,18 @@ def summarise(
         "recovery": [_recovery_row(s) for s in scenarios if s.details.get("faults")],
         "timeline": [dict(m) for m in marks],
     }
+
+
+def suite_of(nodeid: str) -> str:
+    """The part of the run a result belongs to: "tests" for the harness's and the services' own
+    unit and component tests, else the scenario's module ("partitions", "load/load", ...)."""
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/"):
+        return TESTS_SUITE
+    module = path.removeprefix("scenarios/").removesuffix(".py")
+    head, _, name = module.rpartition("/")
+    name = name.removeprefix("test_")
+    return f"{head}/{name}" if head else name
 
 
 def _recovery_row(s: ScenarioResult) -> dict[str, Any]:
@@ -349,20 +364,41 @@ def fault_svg(details: Mapping[str, Any]) -> str:
     unread = [t - t0 for t, n in lag if n is None]
     if unread:
         backlog.plot(unread, [0] * len(unread), "x", color="#555555", label="lag unreadable")
-    recovery = details.get("recovery_s")
     for ax, unit in ((acked, "events/s"), (errors, "%"), (backlog, "messages")):
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
-        for f in faults:
-            end = f["started_at"] + (f.get("duration_s") or 0.0)
-            ax.axvspan(f["started_at"] - t0, end - t0, color="#d62728", alpha=0.15)
-            if f.get("healed_at") is not None and recovery is not None and f is faults[-1]:
-                healed = f["healed_at"] - t0
-                ax.axvspan(healed, healed + recovery, color="#2ca02c", alpha=0.12)
-        ax.legend(fontsize=7, loc="upper left")
-    names = ", ".join(f["name"] for f in faults) or "no fault"
-    backlog.set_xlabel(f"seconds into the scenario (red: {names}; green: recovery)")
+        _fault_bands(ax, faults, details.get("recovery_s"), t0, named=ax is acked)
+        _legend_beside(ax)
+    backlog.set_xlabel("seconds into the scenario")
     return inline_svg(fig)
+
+
+def _fault_bands(
+    ax: Any, faults: Sequence[Mapping[str, Any]], recovery_s: float | None, t0: float, named: bool
+) -> None:
+    """Each fault as a band from injection to healed, one colour per fault name (named in the
+    legend of the top axes); the recovery after the last heal (heal -> database matches the
+    oracle) in green. Bands carry SVG ids (`fault-band-N`, `recovery-band`) so a test can
+    find them."""
+    colours: dict[str, str] = {}
+    for i, f in enumerate(faults):
+        first = f["name"] not in colours
+        colour = colours.setdefault(f["name"], _FAULT_COLOURS[len(colours) % len(_FAULT_COLOURS)])
+        start = f["started_at"] - t0
+        end = start + (f.get("duration_s") or 0.0)
+        label = f"fault: {f['name']}" if named and first else "_nolegend_"
+        ax.axvspan(start, end, color=colour, alpha=0.18, label=label).set_gid(f"fault-band-{i}")
+    heals = [f["healed_at"] for f in faults if f.get("healed_at") is not None]
+    if heals and recovery_s is not None:
+        healed = max(heals) - t0
+        label = "recovery: heal to the database matching the oracle" if named else "_nolegend_"
+        band = ax.axvspan(healed, healed + recovery_s, color="#2ca02c", alpha=0.12, label=label)
+        band.set_gid("recovery-band")
+
+
+def _legend_beside(ax: Any) -> None:
+    """The legend right of the axes, so it never covers the data."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
@@ -378,13 +414,27 @@ def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
         for sc in summary.get("scenarios", [])
         if (picture := fault_svg(sc.get("details") or {}))
     }
+    suites: dict[str, list[Mapping[str, Any]]] = {}
+    for sc in summary.get("scenarios", []):
+        suites.setdefault(suite_of(sc["nodeid"]), []).append(sc)
+    tests = suites.pop(TESTS_SUITE, [])
     return template.render(
         s=summary,
         timeline_svg=svg,
         t0=summary.get("started_at"),
         loads=loads,
         pictures=pictures,
+        suites=dict(sorted(suites.items())),
+        tests=_counts(tests),
+        failures=[sc for sc in summary.get("scenarios", []) if sc["outcome"] == "failed"],
     )
+
+
+def _counts(results: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Results by outcome, in the order a reader wants them (failed first)."""
+    order = ("failed", "passed", "skipped")
+    counts = {k: sum(1 for r in results if r["outcome"] == k) for k in order}
+    return {k: n for k, n in counts.items() if n}
 
 
 # --- load runs: locust's charts and the harness's freshness lag ------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from harness.checker import Observed, Rules, aggregate_by_window, check, diagnose, expectation
 from harness.history import Event, History, Operation, Outcome, Timeline
-from harness.report import RunReport, render, timeline_svg
+from harness.report import RunReport, render, suite_of, timeline_svg
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -48,6 +48,8 @@ def run_dir(tmp_path: Path) -> Path:
         {"aggregator-1": "WARNING seeded bug aggregator_no_dedup is ON\n<script>x</script>"},
     )
     report.add_scenario("scenarios/test_bad_input.py::test_413", "skipped", 0.0, None)
+    for i in range(30):
+        report.add_scenario(f"tests/unit/test_x.py::test_{i}", "passed", 0.01, None)
     timeline = Timeline()
     timeline.mark(
         "nemesis", "kill aggregator-1", "SIGKILL", duration_s=8.0, at=report.started_at + 2
@@ -62,7 +64,7 @@ def run_dir(tmp_path: Path) -> Path:
 def test_summary_json_is_data(run_dir: Path) -> None:
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["seed"] == 1234 and s["valid"] is False
-    assert s["totals"] == {"total": 3, "passed": 1, "failed": 1, "skipped": 1}
+    assert s["totals"] == {"total": 33, "passed": 31, "failed": 1, "skipped": 1}
     assert s["convergence"]["median"] == 0.4
     assert "--run-seed 1234" in s["reproduce"]["failed"]
     assert "test_redelivery[kill]" in s["reproduce"]["failed"]
@@ -78,6 +80,25 @@ def test_page_names_the_wrong_window_and_shows_logs(run_dir: Path) -> None:
     assert "&lt;script&gt;x&lt;/script&gt;" in html  # logs escaped
     assert "--run-seed 1234" in html
     assert "median 0.40s" in html
+
+
+def test_page_puts_the_failure_first_and_the_unit_tests_in_one_line(run_dir: Path) -> None:
+    html = (run_dir / "summary.html").read_text()
+    verdict = html.index('id="verdict"')
+    failure = html.index('id="scenarios-test_dedup-py-test_redelivery-kill"')
+    assert verdict < failure < html.index('id="scenarios"') < html.index('id="timeline"')
+    assert "1 failed</strong> of 33." in html[verdict:failure]
+    assert "unit and component tests: 30 passed" in html[verdict:failure]
+    assert "test_x.py" not in html.split('id="run"')[0]  # no row per unit test
+    for suite in ("e2e", "dedup", "bad_input"):
+        assert f'id="suite-{suite}"' in html
+
+
+def test_suites_are_scenario_modules_and_tests_are_one_suite() -> None:
+    assert suite_of("scenarios/test_partitions.py::test_cut[x]") == "partitions"
+    assert suite_of("scenarios/load/test_load.py::test_chaos") == "load/load"
+    assert suite_of("tests/unit/harness/test_report.py::test_a") == "tests"
+    assert suite_of("tests/component/test_cleanup.py::test_b") == "tests"
 
 
 def test_page_is_self_contained(run_dir: Path) -> None:
@@ -146,7 +167,5 @@ def test_fault_scenarios_get_a_recovery_row_and_a_picture(tmp_path: Path) -> Non
     assert row["faults"] == ["cut aggregator-nats (aggregator_nats1)"]
     assert (row["effect_s"], row["held_s"], row["recovery_s"]) == (1.2, 10.0, 5.5)
     page = report.write().read_text()
-    assert "<h2>Faults and recovery</h2>" in page and "5.50s" in page
-    assert (
-        "Fault scenarios over time" in page and "consumer lag" in page and "lag unreadable" in page
-    )
+    assert 'id="recovery">Faults and recovery</h2>' in page and "5.50s" in page
+    assert "over time: test_cut" in page and "consumer lag" in page and "lag unreadable" in page
