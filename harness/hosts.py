@@ -245,6 +245,7 @@ class TaggedRule:
     table: str
     run_id: str
     spec: tuple[str, ...]  # "-A CHAIN ..." as listed
+    comment: str = ""  # qoe-harness:<run id>, or qoe-harness:<run id>/<fault> for a fault's
 
     def delete_args(self) -> list[str]:
         return ["-t", self.table, "-D", *self.spec[1:]]
@@ -259,7 +260,8 @@ def tagged_rules(listing: str, table: str = "filter") -> list[TaggedRule]:
             continue
         comment = words[words.index("--comment") + 1]
         if comment.startswith(RULE_TAG):
-            rules.append(TaggedRule(table, comment.removeprefix(RULE_TAG), tuple(words)))
+            run_id = comment.removeprefix(RULE_TAG).split("/", 1)[0]  # <run id>[/<fault>]
+            rules.append(TaggedRule(table, run_id, tuple(words), comment))
     return rules
 
 
@@ -482,6 +484,16 @@ class HostCgroup:
         else:
             (self.freezer / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
 
+    def thaw_all(self) -> None:
+        """The host and every cgroup in it thawed, also containers `docker pause` froze
+        (a SIGKILLed process in a frozen cgroup does not die until it is thawed)."""
+        if not self.freezer.exists():
+            return
+        for directory, _, _ in os.walk(self.freezer, topdown=True):
+            state = Path(directory) / ("cgroup.freeze" if self.v2 else "freezer.state")
+            with contextlib.suppress(OSError):
+                state.write_text("0" if self.v2 else "THAWED")
+
     def frozen(self) -> bool:
         if self.v2:
             return "frozen 1" in (self.freezer / "cgroup.events").read_text()
@@ -499,7 +511,7 @@ class HostCgroup:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        self.set_frozen(False)
+        self.thaw_all()
         wait_until(lambda: not self.pids(), timeout_s=timeout_s, what=f"{self.ns}'s processes gone")
         return len(pids)
 
@@ -917,6 +929,45 @@ class Hosts:
             tails = "; ".join(f"{n}: {_log_tail(Layout(self.short, n).log_file)}" for n in waiting)
             raise HostsError(f"{error}. Their logs end: {tails}") from error
         log(f"engines of {', '.join(names)} answer after {took:.1f} s")
+
+    def power_off(self, name: str) -> int:
+        """A power cut of a host made here: every process of it (engine, containerd, shims,
+        containers) SIGKILLed at once, then what a reboot loses gone too (its mounts, the
+        exec-root: /run is memory). The namespace and its address stay, as a machine's NIC
+        does. Returns how many processes were killed."""
+        layout = self.layout(name)
+        killed = HostCgroup(layout.ns).kill_all()
+        self.reap_engine(name)
+        _unmount_under([layout.data_root, layout.run_dir])
+        shutil.rmtree(layout.exec_root, ignore_errors=True)
+        for stale in (layout.socket, layout.pidfile):
+            stale.unlink(missing_ok=True)
+        return killed
+
+    def engine_answers(self, name: str) -> bool:
+        host = self.host(name)
+        if host.local:
+            return _engine_answers(host.docker_url)
+        try:
+            self.client(name).system.info()
+        except DockerException:
+            return False
+        return True
+
+    def firewall_tag(self, fault: str) -> str:
+        """The comment on a fault's firewall rules: heal deletes exactly these, reaping all
+        of the run's."""
+        return f"{RULE_TAG}{self.run_id}/{fault}"
+
+    def tagged_rules(
+        self, name: str, tables: Sequence[str] = ("raw", "filter")
+    ) -> list[TaggedRule]:
+        """The rules on a host that carry the harness's comment (any run's)."""
+        rules: list[TaggedRule] = []
+        for table in tables:
+            listing = self.run_on(name, ["iptables", "-w", "5", "-t", table, "-S"]).stdout
+            rules += tagged_rules(listing, table)
+        return rules
 
     def start_engine(self, name: str) -> float:
         """Start a host's engine again (same data-root; after a crash); seconds until it answers."""
