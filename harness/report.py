@@ -381,11 +381,14 @@ def _fault_bands(
     oracle) in green. Bands carry SVG ids (`fault-band-N`, `recovery-band`) so a test can
     find them."""
     colours: dict[str, str] = {}
+    low, high = ax.get_xlim()
+    min_width = (high - low) / 250
     for i, f in enumerate(faults):
         first = f["name"] not in colours
         colour = colours.setdefault(f["name"], _FAULT_COLOURS[len(colours) % len(_FAULT_COLOURS)])
         start = f["started_at"] - t0
-        end = start + (f.get("duration_s") or 0.0)
+        # A fault shorter than a pixel (a 0.1 s response cut-off in a 40 s picture) still shows.
+        end = start + max(f.get("duration_s") or 0.0, min_width)
         label = f"fault: {f['name']}" if named and first else "_nolegend_"
         ax.axvspan(start, end, color=colour, alpha=0.18, label=label).set_gid(f"fault-band-{i}")
     heals = [f["healed_at"] for f in faults if f.get("healed_at") is not None]
@@ -409,10 +412,11 @@ def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
     )
     template = _environment().get_template(TEMPLATE_NAME)
     loads = load_charts(run_dir) if run_dir is not None else []
+    timeline = summary.get("timeline", [])
     pictures = {
         sc["nodeid"]: picture
         for sc in summary.get("scenarios", [])
-        if (picture := fault_svg(sc.get("details") or {}))
+        if (picture := fault_svg(_with_faults(sc, timeline)))
     }
     suites: dict[str, list[Mapping[str, Any]]] = {}
     for sc in summary.get("scenarios", []):
@@ -428,6 +432,47 @@ def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
         tests=_counts(tests),
         failures=[sc for sc in summary.get("scenarios", []) if sc["outcome"] == "failed"],
     )
+
+
+_FAULT_PHASES = (" start", " effective", " healed")
+
+
+def _with_faults(
+    scenario: Mapping[str, Any], timeline: Sequence[Mapping[str, Any]]
+) -> Mapping[str, Any]:
+    """A scenario's details with its faults: those it recorded, else every nemesis band of the
+    run timeline that starts within the span its samples cover (a scenario that drives the
+    nemesis through a schedule or a load run records none itself)."""
+    details = scenario.get("details") or {}
+    sampled = [float(c["t"]) for c in details.get("clients_over_time") or []] + [
+        float(t) for t, _ in details.get("consumer_lag") or []
+    ]
+    if details.get("faults") or not sampled:
+        return details
+    begin, end = min(sampled), max(sampled)
+    heals = [
+        (m["name"].removesuffix(" healed"), float(m["at"]))
+        for m in timeline
+        if m["source"] == "nemesis" and m["name"].endswith(" healed")
+    ]
+
+    def healed_at(name: str, started: float) -> float | None:
+        return min((at for n, at in heals if n == name and at >= started), default=None)
+
+    faults = [
+        {
+            "name": m["name"],
+            "started_at": float(m["at"]),
+            "duration_s": float(m["duration_s"]),
+            "healed_at": healed_at(m["name"], float(m["at"])),
+        }
+        for m in timeline
+        if m["source"] == "nemesis"
+        and m.get("duration_s") is not None
+        and not m["name"].endswith(_FAULT_PHASES)
+        and begin <= float(m["at"]) <= end
+    ]
+    return {**details, "faults": faults} if faults else details
 
 
 def _counts(results: Sequence[Mapping[str, Any]]) -> dict[str, int]:
