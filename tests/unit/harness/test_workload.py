@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -13,19 +14,28 @@ import httpx
 import pytest
 from hypothesis import Phase, find, given, settings
 
-from harness.checker import Rules, aggregate_by_window, diagnose, window_start
+from harness.checker import Rules, aggregate, aggregate_by_window, diagnose, window_start
 from harness.history import Event, History, Outcome
 from harness.workload import (
+    CLOCK_STEP_S,
+    EDGE_TARGETS,
+    THRESHOLD_FIELDS,
+    TS_FORMS,
     EventGenerator,
     IngestClient,
     SettleError,
     batches,
     events,
+    padded,
+    prefixed,
     rekey,
 )
 
 NOW = 1_714_564_817.25  # 2024-05-01T12:00:17.25Z
 ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PROBE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# The harness's reading of RFC 3339 with an offset (CONTRACT.md "ts"), fraction 0-9 digits.
+TS_RE = re.compile(r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d{1,9})?([Zz]|[+-]\d\d:[0-5]\d)$")
 
 
 def gen(seed: int = 7, **kw: object) -> EventGenerator:
@@ -47,8 +57,20 @@ def test_ids_count_up_with_the_run_prefix() -> None:
     assert all(ID_RE.match(i) for i in ids)
 
 
+def assert_valid_for_ingest(e: Event, now: datetime, step_s: float = CLOCK_STEP_S) -> None:
+    """Every rule of CONTRACT.md's event table, with the time bounds one step inside."""
+    wire = e.to_wire()
+    assert ID_RE.match(wire["event_id"]) and PROBE_RE.match(wire["probe_id"]), wire
+    assert 1 <= len(wire["target"]) <= 255 and wire["target"].isprintable(), wire
+    assert TS_RE.match(wire["ts"]) and Event.from_wire(wire).ts == e.ts, wire["ts"]
+    step = timedelta(seconds=step_s)
+    assert now - timedelta(hours=24) + step <= e.ts <= now + timedelta(minutes=5) - step, wire
+    assert 0 <= e.rtt_ms <= 60_000 and 0 <= e.jitter_ms <= 60_000, wire
+    assert 0 <= e.loss_pct <= 100 and 0 <= e.throughput_kbps < math.inf, wire
+
+
 def test_timestamps_stay_inside_what_ingest_accepts() -> None:
-    evs = gen(late_fraction=0.3).batch(2000)
+    evs = gen(late_fraction=0.3, edge_cases=False).batch(2000)
     now = datetime.fromtimestamp(NOW, UTC)
     lowest = now - timedelta(hours=24) + timedelta(minutes=10)
     assert all(lowest <= e.ts <= now for e in evs)
@@ -60,8 +82,91 @@ def test_timestamps_stay_inside_what_ingest_accepts() -> None:
     assert on_boundary > 100, "expected events exactly on window boundaries"
 
 
+def test_every_event_is_valid_and_the_edges_are_there() -> None:
+    g = gen(3)
+    evs = g.batch(3000)
+    now = datetime.fromtimestamp(NOW, UTC)
+    for e in evs:
+        assert_valid_for_ingest(e, now)
+    assert {e.ts_form for e in evs} == set(TS_FORMS)
+    assert {len(e.event_id) for e in evs} >= {128} and {len(p) for p in g.probes} >= {64}
+    assert set(EDGE_TARGETS) <= {e.target for e in evs} and len(EDGE_TARGETS[1]) == 255
+    values = {x for e in evs for x in (e.rtt_ms, e.jitter_ms, e.loss_pct, e.throughput_kbps)}
+    assert {0.0, 5e-324, 60_000.0, math.nextafter(60_000.0, 0), 100.0} <= values
+    future = now + timedelta(minutes=5) - timedelta(seconds=CLOCK_STEP_S)
+    assert any(abs(e.ts - future) < timedelta(seconds=1) for e in evs)
+
+
+def test_special_batches_are_valid_and_reproducible() -> None:
+    now = datetime.fromtimestamp(NOW, UTC)
+    g, again = gen(), gen()
+    special = [g.threshold_batch(), *g.form_batches(), g.time_bound_batch()]
+    assert special == [again.threshold_batch(), *again.form_batches(), again.time_bound_batch()]
+    for e in (e for batch in special for e in batch):
+        assert_valid_for_ingest(e, now, step_s=CLOCK_STEP_S - 1e-6)
+    ids = [e.event_id for batch in special for e in batch]
+    assert len(ids) == len(set(ids))
+
+
+def test_time_bound_batch_is_one_step_inside_each_bound_in_every_form() -> None:
+    now = datetime.fromtimestamp(NOW, UTC)
+    batch = gen().time_bound_batch(step_s=2)
+    stamps = Counter(e.ts for e in batch)
+    step = timedelta(seconds=2)
+    assert set(stamps) == {now - timedelta(hours=24) + step, now + timedelta(minutes=5) - step}
+    assert {e.ts_form for e in batch} == set(TS_FORMS)
+
+
+def test_form_batches_put_every_form_on_and_beside_a_boundary() -> None:
+    batches_ = gen().form_batches()
+    assert [b[0].ts_form for b in batches_] == list(TS_FORMS)
+    for b in batches_:
+        assert {e.ts_form for e in b} == {b[0].ts_form}
+        starts = {window_start(e.ts, 60) for e in b}
+        assert len(starts) == 2 and any(e.ts == window_start(e.ts, 60) for e in b)
+    nanos = [e.to_wire()["ts"] for b in batches_ for e in b if e.ts_form.digits == 9]
+    assert any(":59.999999999" in text for text in nanos), nanos
+
+
+@pytest.mark.parametrize("kind", list(THRESHOLD_FIELDS))
+def test_threshold_windows_average_exactly_on_and_one_step_beside_each_threshold(
+    kind: str,
+) -> None:
+    rules = Rules()
+    field, rule = THRESHOLD_FIELDS[kind]
+    threshold = getattr(rules, rule)
+    windows: dict[str, list[Event]] = {}
+    for e in gen().threshold_batch():
+        windows.setdefault(e.target, []).append(e)
+    assert len({window_start(e.ts, 60) for w in windows.values() for e in w}) == 1
+    expected = {
+        "below": math.nextafter(threshold, 0),
+        "on": threshold,
+        "above": math.nextafter(threshold, math.inf),
+    }
+    bad_side = "below" if kind == "low_throughput" else "above"
+    for side, avg in expected.items():
+        agg = aggregate(windows[f"{kind} {side} #1"])
+        total = sum(getattr(e, field) for e in reversed(windows[f"{kind} {side} #1"]))
+        assert getattr(agg, f"{field.split('_')[0]}_sum") / agg.samples == avg
+        assert total / agg.samples == avg, "any summation order gives the same average"
+        assert (kind in diagnose(agg, rules)) is (side == bad_side)
+        assert [k for k in diagnose(agg, rules) if k != kind] == []
+
+
+def test_padded_and_prefixed_keep_maximum_lengths_and_distinct_ids() -> None:
+    a, b = padded("hyp-1", 128), padded("hyp-2", 128)
+    assert len(a) == 128 and ID_RE.match(a) and PROBE_RE.match(padded("p", 64))
+    assert prefixed("run.", a, 128) != prefixed("run.", b, 128)
+    assert len(prefixed("run.", a, 128)) == 128 and prefixed("x.", "hyp-3", 128) == "x.hyp-3"
+    with pytest.raises(ValueError):
+        prefixed("x" * 130, "hyp-3", 128)
+    with pytest.raises(ValueError):
+        padded("has_underscore", 64)
+
+
 def test_values_are_rounded() -> None:
-    for e in gen().batch(300):
+    for e in gen(edge_cases=False).batch(300):
         for x in (e.rtt_ms, e.jitter_ms, e.loss_pct, e.throughput_kbps):
             assert round(x, 3) == x
 
@@ -75,7 +180,7 @@ def test_values_are_rounded() -> None:
     ],
 )
 def test_profiles_trigger_their_diagnoses(profile: str, holds: Callable[[Event], bool]) -> None:
-    assert all(holds(e) for e in gen().batch(200, profile=profile))
+    assert all(holds(e) for e in gen(edge_cases=False).batch(200, profile=profile))
 
 
 def test_mixed_profile_exercises_every_diagnosis() -> None:
@@ -93,12 +198,11 @@ def test_unknown_profile_is_refused() -> None:
 # --- strategies ---------------------------------------------------------------------------
 
 
-@settings(max_examples=50)
+@settings(max_examples=200)
 @given(e=events(now=NOW))
 def test_events_are_valid_for_ingest(e: Event) -> None:
-    assert ID_RE.match(e.event_id)
+    assert_valid_for_ingest(e, datetime.fromtimestamp(NOW, UTC), step_s=0)
     assert e.ts <= datetime.fromtimestamp(NOW, UTC)
-    assert 0 <= e.rtt_ms <= 60_000 and 0 <= e.loss_pct <= 100 and e.throughput_kbps >= 0
 
 
 def _ids(bl: list[list[Event]]) -> list[str]:
@@ -125,7 +229,36 @@ def test_batches_make_the_awkward_cases() -> None:
         ts = [e.ts for b in bl for e in b]
         return ts != sorted(ts)
 
-    for pred in (dup_in_batch, reused_across, conflicting, on_boundary, out_of_order):
+    def on_a_threshold(bl: list[list[Event]]) -> bool:
+        by_target: dict[str, list[Event]] = {}
+        for e in (e for b in bl for e in b):
+            by_target.setdefault(e.target, []).append(e)
+        rules = Rules()
+        return any(
+            math.fsum(getattr(e, field) for e in w) / len(w) == getattr(rules, rule)
+            for w in by_target.values()
+            for field, rule in THRESHOLD_FIELDS.values()
+        )
+
+    def offsets(bl: list[list[Event]]) -> bool:
+        forms = {e.ts_form for b in bl for e in b}
+        return {f.offset_minutes < 0 for f in forms} == {True, False} and any(
+            f.digits > 6 for f in forms
+        )
+
+    def long_ids(bl: list[list[Event]]) -> bool:
+        return any(len(e.event_id) == 128 and len(e.probe_id) == 64 for b in bl for e in b)
+
+    for pred in (
+        dup_in_batch,
+        reused_across,
+        conflicting,
+        on_boundary,
+        out_of_order,
+        on_a_threshold,
+        offsets,
+        long_ids,
+    ):
         find(
             strat, pred, settings=settings(max_examples=500, database=None, phases=[Phase.generate])
         )
@@ -136,6 +269,8 @@ def test_rekey_keeps_equal_ids_equal() -> None:
     out = rekey(bl, "x1")
     assert out[0][0].event_id == out[1][0].event_id == f"x1.{ev.event_id}"
     assert out[0][0].rtt_ms == ev.rtt_ms
+    long = replace(ev, event_id=padded("hyp-9", 128))
+    assert len(rekey([[long]], "x1")[0][0].event_id) == 128
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -224,6 +359,24 @@ def test_request_carries_the_batch_and_token_round_robin() -> None:
     body = json.loads(r.content)
     assert [Event.from_wire(e) for e in body["events"]] == batch
     assert ops[0].invoked_at <= ops[0].completed_at
+
+
+def test_send_writes_utf8_or_escapes_and_pads_to_an_exact_size() -> None:
+    bodies: list[bytes] = []
+
+    def ok(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return httpx.Response(202, json={"accepted": 1, "duplicates": 0})
+
+    batch = [replace(gen().batch(1)[0], target=EDGE_TARGETS[1])]
+    with client(ok) as c:
+        c.send(batch)
+        c.send(batch, ascii_only=True, pad_to=4096)
+        with pytest.raises(ValueError, match="more than pad_to"):
+            c.send(batch, pad_to=10)
+    assert EDGE_TARGETS[1].encode() in bodies[0]
+    assert bodies[1].isascii() and len(bodies[1]) == 4096
+    assert json.loads(bodies[0]) == json.loads(bodies[1])
 
 
 def test_send_raw_is_not_recorded() -> None:

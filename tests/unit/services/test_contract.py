@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 from qoe import bugs
 from qoe.contract import (
     MAX_BODY_BYTES,
@@ -21,6 +22,9 @@ from qoe.contract import (
     parse_ts,
     validate_batch,
 )
+
+from harness.history import Event
+from harness.workload import EventGenerator, events
 
 from .conftest import NOW, make_event
 
@@ -344,3 +348,23 @@ def test_hostile_nesting_is_a_clean_rejection(body: bytes) -> None:
 def test_deeply_nested_stream_payload_is_poison() -> None:
     with pytest.raises(InvalidEvent):
         decode_canonical(b"[" * 200_000 + b"]" * 200_000)
+
+
+def test_every_event_the_harness_generates_is_valid_for_the_reference_ingest() -> None:
+    """The harness's reading of the contract (its generators) and the reference's agree."""
+    g = EventGenerator(5, "run", ["p1"], ["t1"], clock=NOW.timestamp)
+    batches = [g.batch(1000), g.threshold_batch(), g.time_bound_batch(), *g.form_batches()]
+    for batch in batches:
+        body = json.dumps({"events": [e.to_wire() for e in batch]}, ensure_ascii=False)
+        result = validate_batch(body.encode(), NOW)
+        assert isinstance(result, ValidBatch), result
+        assert [e.ts for e in result.events] == [e.ts for e in batch]
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(e=events(now=NOW.timestamp()))
+def test_every_hypothesis_event_is_valid_for_the_reference_ingest(e: Event) -> None:
+    body = json.dumps({"events": [e.to_wire()]}, ensure_ascii=False)
+    result = validate_batch(body.encode(), NOW)
+    assert isinstance(result, ValidBatch), result
+    assert result.events[0].ts == e.ts
