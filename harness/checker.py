@@ -36,9 +36,12 @@ __all__ = [
     "aggregate_by_window",
     "await_convergence",
     "check",
+    "check_database",
+    "converge_on_database",
     "diagnose",
     "expectation",
     "read_observed",
+    "stream_observed",
     "sum_tolerance",
     "window_start",
 ]
@@ -276,7 +279,12 @@ class Choice:
 
 @dataclass(frozen=True)
 class Expectation:
-    """What the views must show for one history: fixed events per window and open choices."""
+    """What the views must show for one history: fixed events per window and open choices.
+
+    ``aggregated``: windows whose fixed events are given only as their exact aggregate (a large
+    history read by harness.columnar); no choice can land in them, and they are in no other
+    field. ``expectation()`` leaves it empty.
+    """
 
     window_seconds: int
     definite: Mapping[WindowKey, tuple[Event, ...]]
@@ -285,13 +293,19 @@ class Expectation:
     unknown_events: int  # ids seen only in unknown operations
     conflicting_events: int  # ids sent with more than one payload (ok or unknown)
     probe_ids: frozenset[str]
+    aggregated: Mapping[WindowKey, Aggregate] = field(default_factory=dict)
 
     def windows(self) -> set[WindowKey]:
         """Every window that may hold an event of this history."""
-        keys = set(self.definite)
+        keys = set(self.definite) | set(self.aggregated)
         for c in self.choices:
             keys.update(key_of(v, self.window_seconds) for v in c.variants)
         return keys
+
+    def fixed_aggregate(self, key: WindowKey) -> Aggregate:
+        """The exact aggregate of a window's fixed events (the window must have some)."""
+        given = self.aggregated.get(key)
+        return given if given is not None else aggregate(self.definite[key])
 
 
 def expectation(
@@ -304,6 +318,14 @@ def expectation(
     operations' clocks to agree (one host, or synchronised hosts); pass False otherwise.
     """
     ops = history.operations() if isinstance(history, History) else tuple(history)
+    summarised = next((op for op in ops if op.events_omitted), None)
+    if summarised is not None:
+        raise ValueError(
+            f"an operation of {summarised.process} invoked at {summarised.invoked_at} carries "
+            f"only the count of its {summarised.events_omitted} events (a load run's history, "
+            "whose events stay in the outcome files); build the oracle from those files with "
+            "harness.columnar.ColumnarHistory"
+        )
     first_ack: dict[str, float] = {}
     for op in ops:
         if op.outcome is Outcome.OK:
@@ -468,12 +490,11 @@ def _aggregate_problems(expected: Aggregate, observed: Aggregate) -> list[str]:
 
 def _check_exact(
     key: WindowKey,
-    events: Sequence[Event],
+    expected: Aggregate,
     observed: Aggregate | None,
     observed_diag: Mapping[str, tuple[float, float]],
     rules: Rules,
 ) -> WindowVerdict:
-    expected = aggregate(events)
     if observed is None:
         problem = (
             f"window missing: expected {expected.samples} samples, observed none "
@@ -636,6 +657,11 @@ def _components(exp: Expectation) -> tuple[list[_Component], set[WindowKey]]:
         comp = groups.setdefault(find(keys[0]), _Component([], []))
         comp.choices.append(c)
     touched = {k for keys in choice_keys for k in keys}
+    if not touched.isdisjoint(exp.aggregated):
+        raise ValueError(
+            "a choice lands in a window given only as an aggregate; the search needs that "
+            "window's events (harness.columnar must materialise every window a choice touches)"
+        )
     for k in sorted(touched):
         groups[find(k)].windows.append(k)
     return list(groups.values()), set(parent) - touched
@@ -974,7 +1000,11 @@ def check(
     components, plain = _components(exp)
     verdicts: list[WindowVerdict] = [
         _check_exact(
-            k, exp.definite[k], observed_aggregates.get(k), observed_diagnoses.get(k, {}), rules
+            k,
+            exp.fixed_aggregate(k),
+            observed_aggregates.get(k),
+            observed_diagnoses.get(k, {}),
+            rules,
         )
         for k in plain
     ]
@@ -1032,19 +1062,75 @@ def read_observed(conn: Any, probe_ids: Iterable[str], window_seconds: int = 60)
         agg_rows = cur.fetchall()
         cur.execute(_DIAG_SQL, (ids,))
         diag_rows = cur.fetchall()
-    aggregates: dict[WindowKey, Aggregate] = {}
-    lengths: dict[tuple[str, str, datetime], int] = {}
-    for probe, target, start, seconds, samples, *vals in agg_rows:
-        start = start.astimezone(UTC)
+    return _observed_of(agg_rows, diag_rows, window_seconds)
+
+
+def stream_observed(
+    conn: Any, probe_ids: Iterable[str], window_seconds: int = 60, *, rows_per_fetch: int = 10_000
+) -> Observed:
+    """``read_observed`` for views too large to fetch at once (a load run's windows).
+
+    Server-side cursors hand the rows over ``rows_per_fetch`` at a time, each turned into its
+    window at once, so neither the client library nor Python holds the result twice.
+    """
+    ids = sorted(set(probe_ids))
+    with conn.transaction():
+        with conn.cursor(name="qoe_aggregates") as cur:
+            cur.itersize = rows_per_fetch
+            cur.execute(_AGG_SQL, (ids,))
+            builder = _ObservedBuilder(window_seconds)
+            for row in cur:
+                builder.add_aggregate(row)
+        with conn.cursor(name="qoe_diagnoses") as cur:
+            cur.itersize = rows_per_fetch
+            cur.execute(_DIAG_SQL, (ids,))
+            for row in cur:
+                builder.add_diagnosis(row)
+    return builder.observed()
+
+
+def _observed_of(
+    agg_rows: Iterable[Sequence[Any]], diag_rows: Iterable[Sequence[Any]], window_seconds: int
+) -> Observed:
+    builder = _ObservedBuilder(window_seconds)
+    for row in agg_rows:
+        builder.add_aggregate(row)
+    for row in diag_rows:
+        builder.add_diagnosis(row)
+    return builder.observed()
+
+
+class _ObservedBuilder:
+    """Rows of the two views into windows; probe ids, targets and starts are shared between
+    rows (many windows of one probe), so a large result costs one key and one row each."""
+
+    def __init__(self, window_seconds: int) -> None:
+        self.window_seconds = window_seconds
+        self.aggregates: dict[WindowKey, Aggregate] = {}
+        self.lengths: dict[tuple[str, str, datetime], int] = {}
+        self.diagnoses: dict[WindowKey, dict[str, tuple[float, float]]] = defaultdict(dict)
+        self._shared: dict[Any, Any] = {}
+
+    def _one(self, value: Any) -> Any:
+        return self._shared.setdefault(value, value)
+
+    def add_aggregate(self, row: Sequence[Any]) -> None:
+        probe, target, start, seconds, samples, *vals = row
+        probe, target = self._one(probe), self._one(target)
+        start = self._one(start.astimezone(UTC))
         key = WindowKey(probe, target, start, int(seconds))
-        aggregates[key] = Aggregate(int(samples), *(float(v) for v in vals))
-        lengths[(probe, target, start)] = int(seconds)
-    diagnoses: dict[WindowKey, dict[str, tuple[float, float]]] = defaultdict(dict)
-    for probe, target, start, kind, value, threshold in diag_rows:
+        self.aggregates[key] = Aggregate(int(samples), *(float(v) for v in vals))
+        self.lengths[(probe, target, start)] = int(seconds)
+
+    def add_diagnosis(self, row: Sequence[Any]) -> None:
+        probe, target, start, kind, value, threshold = row
         start = start.astimezone(UTC)
-        seconds = lengths.get((probe, target, start), window_seconds)
-        diagnoses[WindowKey(probe, target, start, seconds)][kind] = (float(value), float(threshold))
-    return Observed(aggregates, dict(diagnoses))
+        seconds = self.lengths.get((probe, target, start), self.window_seconds)
+        key = WindowKey(probe, target, start, seconds)
+        self.diagnoses[key][kind] = (float(value), float(threshold))
+
+    def observed(self) -> Observed:
+        return Observed(self.aggregates, dict(self.diagnoses))
 
 
 def _default_retry() -> tuple[type[BaseException], ...]:
@@ -1126,14 +1212,37 @@ def check_database(
 ) -> Verdict:
     """The oracle of `history` against a stack's read views, polled until they agree or the
     deadline passes; convergence is timed from the history's last acknowledgement."""
+    return converge_on_database(
+        expectation(history, window_seconds),
+        history.last_ok_at() or time.time(),
+        database_dsn,
+        probe_ids,
+        rules,
+        timeout_s,
+        interval_s=interval_s,
+    )
+
+
+def converge_on_database(
+    expected: Expectation,
+    since: float,
+    database_dsn: str,
+    probe_ids: Sequence[str],
+    rules: Rules,
+    timeout_s: float,
+    *,
+    interval_s: float = 0.05,
+    read: Callable[[Any, Iterable[str], int], Observed] = read_observed,
+) -> Verdict:
+    """An oracle against a stack's read views, polled until they agree or the deadline passes;
+    convergence is timed from ``since`` (the last acknowledgement). ``read``: how the views are
+    read (``stream_observed`` for a load run's many windows)."""
     import psycopg
 
-    expected = expectation(history, window_seconds)
-    since = history.last_ok_at() or time.time()
     with psycopg.connect(database_dsn, autocommit=True, connect_timeout=5) as conn:
         return await_convergence(
             expected,
-            lambda: read_observed(conn, probe_ids, window_seconds),
+            lambda: read(conn, probe_ids, expected.window_seconds),
             rules,
             timeout_s=timeout_s,
             since=since,
