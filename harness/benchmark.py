@@ -34,7 +34,15 @@ from harness.load import (
 )
 from harness.nats_admin import JetStreamAdmin
 from harness.report import inline_svg
-from harness.stack import STATE_DIR, ComposeStack, Endpoints, StackSettings, new_run_id
+from harness.stack import (
+    Endpoints,
+    Metered,
+    StackError,
+    StackOptions,
+    StackSettings,
+    new_run_id,
+    open_stack,
+)
 
 # A stage "holds" when the pipeline keeps up end to end: nearly everything acknowledged, the
 # acknowledged rate close to the offered one, and events visible within 2 s (p95).
@@ -136,7 +144,7 @@ def cpu_cost(
 
 
 def measured_run(
-    stack: ComposeStack, endpoints: Endpoints, spec: LoadSpec, **kwargs: Any
+    stack: Metered, endpoints: Endpoints, spec: LoadSpec, **kwargs: Any
 ) -> tuple[LoadResult, dict[str, Any]]:
     """run_load, and the CPU every container, locust and the harness spent on it (cpu_cost)."""
     before, wall, own = stack.cpu_seconds(), time.monotonic(), time.process_time()
@@ -164,6 +172,7 @@ def measure(
     replicas: int,
     out_dir: Path,
     *,
+    options: StackOptions,
     rates: Sequence[float],
     stage_s: float,
     steady_s: float,
@@ -171,16 +180,23 @@ def measure(
     workers: int,
     log: Any = print,
 ) -> dict[str, Any]:
-    """One stack with ``replicas`` stream replicas: step search, then 50 % and 90 % runs."""
-    stack = ComposeStack(
-        run_id=f"{new_run_id()}-r{replicas}",
-        state_dir=STATE_DIR,
-        settings=StackSettings(stream_replicas=replicas, health_interval_s=LOAD_HEALTH_INTERVAL_S),
+    """One stack (the backend `options` name) with ``replicas`` stream replicas: step search,
+    then 50 % and 90 % runs."""
+    stack = open_stack(
+        replace(
+            options,
+            run_id=f"{new_run_id()}-r{replicas}",
+            settings=StackSettings(
+                stream_replicas=replicas, health_interval_s=LOAD_HEALTH_INTERVAL_S
+            ),
+        )
     )
+    if not isinstance(stack, Metered):
+        raise StackError(f"the benchmark counts CPU per service; {stack.name} does not meter it")
     base = LoadSpec(
         rate=0, duration_s=stage_s, batch_size=batch, probes=50, targets=5, workers=workers
     )
-    with stack:
+    try:
         endpoints = stack.up()
         log(f"R{replicas}: stack up in {stack.bring_up_s:.0f}s; step over {list(rates)}")
         step = run_step(endpoints, base, rates, out_dir / "step", slo=HOLD, check=False)
@@ -222,6 +238,8 @@ def measure(
             log(result.summary())
             log(cpu_line(cpu))
         return out
+    finally:
+        stack.down()
 
 
 def drained(endpoints: Endpoints, log: Any) -> None:
@@ -405,8 +423,9 @@ from locust's start to the end of the checks; cores = that CPU over the same wal
 <p>Raw data: benchmark.json; locust CSVs and outcome files beside it.</p></body></html>"""
 
 
-def command(args: Any) -> int:
-    """`python -m harness benchmark`: measure, write JSON and HTML, print the headline."""
+def command(args: Any, options: StackOptions) -> int:
+    """`python -m harness benchmark`: measure on stacks opened from `options`, write JSON and
+    HTML, print the headline."""
     import sys
 
     run_id = new_run_id()
@@ -425,6 +444,7 @@ def command(args: Any) -> int:
         results["replicas"][str(r)] = measure(
             r,
             run_dir / f"r{r}",
+            options=options,
             rates=rates,
             stage_s=args.stage,
             steady_s=max(args.stage, 30),

@@ -7,11 +7,22 @@ import argparse
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import docker
 
-from harness.stack import ROOT, RUN_LABEL, STATE_DIR, ComposeStack, reap_orphans
+from harness.stack import (
+    BACKENDS,
+    ROOT,
+    RUN_LABEL,
+    STATE_DIR,
+    StackError,
+    StackOptions,
+    StackSettings,
+    open_stack,
+    reap_orphans,
+)
 
 REUSE_PROJECT = "qoe-dev"
 SUITES: dict[str, list[str]] = {
@@ -25,22 +36,46 @@ SUITES: dict[str, list[str]] = {
 }
 
 
-def _dev_stack() -> ComposeStack:
-    return ComposeStack(run_id=REUSE_PROJECT, project=REUSE_PROJECT, state_dir=STATE_DIR, keep=True)
+def _kept_stack_options(args: argparse.Namespace, *, keep: bool = True) -> StackOptions:
+    """The kept stack (`up`, `down`, `fault`, --reuse-stack): one fixed project, left up."""
+    return StackOptions(
+        backend=args.stack,
+        run_id=REUSE_PROJECT,
+        project=REUSE_PROJECT,
+        state_dir=STATE_DIR,
+        keep=keep,
+        hosts_file=args.hosts,
+    )
+
+
+def _load_stack_options(args: argparse.Namespace, settings: StackSettings) -> StackOptions:
+    """A load run's own stack, the kept one (--reuse-stack), or a deployed one (external)."""
+    if args.reuse_stack:
+        return replace(_kept_stack_options(args), settings=settings)
+    return StackOptions(
+        backend=args.stack,
+        settings=settings,
+        endpoints_file=args.stack_endpoints,
+        hosts_file=args.hosts,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    stack = _dev_stack()
+    options = _kept_stack_options(args)
+    stack = open_stack(options)
     stack.up()
-    print(f"stack {stack.name} is up; endpoints: {stack.endpoints_file}")
-    print("run scenarios against it with: python -m harness run smoke --reuse-stack")
+    print(
+        f"stack {stack.name} is up; endpoints: {options.state_dir / stack.name / 'endpoints.json'}"
+    )
+    print(
+        "run scenarios against it with: python -m harness run smoke --reuse-stack"
+        + ("" if args.stack == "compose" else f" --stack {args.stack}")
+    )
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stack = _dev_stack()
-    stack.keep = False
-    stack.down()
+    open_stack(_kept_stack_options(args, keep=False)).down()
     reap_orphans()
     return 0
 
@@ -80,15 +115,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from harness import load
 
+    settings = StackSettings(
+        stream_replicas=args.stream_replicas, health_interval_s=load.LOAD_HEALTH_INTERVAL_S
+    )
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
-    return load.command(args)
+    return load.command(args, _load_stack_options(args, settings))
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from harness import benchmark
 
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
-    return benchmark.command(args)
+    # Each replica count gets a stack of its own: these options with its run id and settings.
+    return benchmark.command(args, StackOptions(backend=args.stack, hosts_file=args.hosts))
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
@@ -96,16 +135,21 @@ def cmd_fault(args: argparse.Namespace) -> int:
     import threading
 
     from harness.history import Timeline
-    from harness.nemesis import NAMED_FAULTS, Nemesis
+    from harness.nemesis import Nemesis
+    from harness.nemesis.registry import named
 
-    stack = _dev_stack()
+    fault = named(args.name)
+    stack = open_stack(_kept_stack_options(args))
     endpoints = stack.up()  # the kept stack; brought up first if it is not running
+    if missing := fault.missing(stack):
+        print(f"{fault.name} needs {', '.join(missing)}, which {stack.name} lacks", file=sys.stderr)
+        return 2
     timeline = Timeline()
     nemesis = Nemesis(stack, endpoints, timeline)
     print(f"{args.name} on {stack.name} for {args.hold:g} s (Ctrl-C heals at once)", flush=True)
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
     try:
-        with NAMED_FAULTS[args.name](nemesis):
+        with fault.start(nemesis):
             threading.Event().wait(args.hold)  # the fault's length is the user's choice
     except KeyboardInterrupt:
         print("interrupted: healed", file=sys.stderr)
@@ -127,8 +171,23 @@ def _interrupt_on(*signals: signal.Signals) -> None:
         signal.signal(sig, interrupt)
 
 
+def _backend_options(command: argparse.ArgumentParser, backends: tuple[str, ...]) -> None:
+    command.add_argument(
+        "--stack", choices=backends, default="compose", help="the stack backend (default compose)"
+    )
+    command.add_argument(
+        "--hosts",
+        type=Path,
+        help="with --stack swarm: a file listing real machines' Docker engines (default: "
+        "hosts made on this machine)",
+    )
+
+
+KEPT_BACKENDS = ("compose", "swarm")  # what `up` can bring up and keep
+
+
 def _stack_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--stack", choices=("compose", "external"), default="compose")
+    _backend_options(command, BACKENDS)
     command.add_argument("--stack-endpoints", type=Path, help="with --stack external")
     command.add_argument(
         "--reuse-stack", action="store_true", help=f"use the kept stack {REUSE_PROJECT}"
@@ -193,6 +252,7 @@ def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     bench.add_argument("--batch", type=int, default=500)
     bench.add_argument("--workers", type=int, default=0)
     bench.add_argument("--report-dir", type=Path, default=ROOT / "reports" / "out")
+    _backend_options(bench, KEPT_BACKENDS)
 
 
 def _positive(text: str) -> float:
@@ -202,17 +262,22 @@ def _positive(text: str) -> float:
     return value
 
 
-def _fault_names() -> list[str]:
-    from harness.nemesis import NAMED_FAULTS
+def _fault_help() -> tuple[list[str], str]:
+    """The named faults, and a listing of them for `fault --help`."""
+    from harness.nemesis.registry import FAULTS
 
-    return sorted(NAMED_FAULTS)
+    width = max(map(len, FAULTS))
+    listing = "\n".join(f"  {f.name:{width}}  {f.description}" for f in FAULTS.values())
+    return list(FAULTS), listing
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help=f"bring up a kept stack ({REUSE_PROJECT}) for local iteration")
-    sub.add_parser("down", help="remove the kept stack and anything killed runs left behind")
+    up = sub.add_parser("up", help=f"bring up a kept stack ({REUSE_PROJECT}) for local iteration")
+    _backend_options(up, KEPT_BACKENDS)
+    down = sub.add_parser("down", help="remove the kept stack and anything killed runs left behind")
+    _backend_options(down, KEPT_BACKENDS)
     sub.add_parser("status", help="list the harness's containers")
     run = sub.add_parser("run", help="run a suite of scenarios with pytest")
     run.add_argument("suite", choices=sorted(SUITES))
@@ -220,13 +285,16 @@ def parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render a run's summary (default: the latest run)")
     report.add_argument("run_dir", nargs="?", type=Path)
     sub.add_parser("build", help="build the reference stack's images")
+    names, listing = _fault_help()
     fault = sub.add_parser(
         "fault",
         help=f"hold a named fault on the kept stack ({REUSE_PROJECT}), then heal it",
-        description="Faults: " + ", ".join(_fault_names()),
+        description=f"Hold a named fault on the kept stack, then heal it. Faults:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fault.add_argument("name", choices=_fault_names(), metavar="NAME")
+    fault.add_argument("name", choices=names, metavar="NAME")
     fault.add_argument("--hold", type=_positive, default=10.0, help="seconds (default 10)")
+    _backend_options(fault, KEPT_BACKENDS)
     _load_parser(sub)
     return top
 
@@ -244,4 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": cmd_benchmark,
         "fault": cmd_fault,
     }
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except StackError as error:  # it says what was wrong and what to do
+        print(f"stack error: {error}", file=sys.stderr)
+        return 1

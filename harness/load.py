@@ -35,9 +35,9 @@ from typing import Any
 
 from harness import checker
 from harness.history import Event, History, Operation, Outcome, Timeline
-from harness.nemesis import NAMED_FAULTS
+from harness.nemesis.registry import FAULTS
 from harness.polling import wait_until
-from harness.stack import ROOT, STATE_DIR, Endpoints
+from harness.stack import ROOT, Endpoints, StackError, StackOptions, new_run_id, open_stack
 
 __all__ = [
     "LOCUSTFILE",
@@ -1198,14 +1198,14 @@ def step_rates(start: float, factor: float, maximum: float) -> list[float]:
     return rates
 
 
-def command(args: Any) -> int:
-    """The `load` subcommand: bring up (or attach to) a stack, run the profile, gate, report.
+def command(args: Any, options: StackOptions) -> int:
+    """The `load` subcommand: bring up (or attach to) the stack `options` describe, run the
+    profile, gate, report.
 
     Exit status 0 when every SLO held and the exactly-once check passed, 1 otherwise (each
     breach is printed with its threshold, limit and measured value), 2 for usage errors.
     """
     from harness.report import RunReport
-    from harness.stack import ComposeStack, ExternalStack, StackSettings, new_run_id
 
     profile = args.profile
     if profile == "worker":
@@ -1227,10 +1227,8 @@ def command(args: Any) -> int:
         max_convergence_s=args.max_convergence_s,
     )
     fault_slo = load_slo(args.slo, "chaos.fault") if profile == "chaos" else None
-    if profile == "chaos" and args.fault not in NAMED_FAULTS:
-        print(
-            f"unknown fault {args.fault!r}; faults are {', '.join(NAMED_FAULTS)}", file=sys.stderr
-        )
+    if profile == "chaos" and args.fault not in FAULTS:
+        print(f"unknown fault {args.fault!r}; faults are {', '.join(FAULTS)}", file=sys.stderr)
         return 2
     duration = args.duration if args.duration is not None else (600 if profile == "soak" else 30)
     spec = LoadSpec(
@@ -1254,31 +1252,21 @@ def command(args: Any) -> int:
             "another address than this machine does)",
             flush=True,
         )
-    run_id = new_run_id()
+    # The run's id names its report folder and, unless it uses the kept stack, its stack.
+    run_id = new_run_id() if options.keep else options.run_id
     run_dir = Path(args.report_dir) / run_id
     out_dir = run_dir / "load"
     timeline = Timeline()
-    if args.stack == "external":
-        if args.stack_endpoints is None:
-            print("--stack external needs --stack-endpoints FILE", file=sys.stderr)
-            return 2
-        stack: Any = ExternalStack(args.stack_endpoints)
-    else:
-        reuse = args.reuse_stack
-        stack = ComposeStack(
-            run_id="qoe-dev" if reuse else run_id,
-            project="qoe-dev" if reuse else None,
-            state_dir=STATE_DIR,
-            keep=reuse,
-            settings=StackSettings(
-                stream_replicas=args.stream_replicas, health_interval_s=LOAD_HEALTH_INTERVAL_S
-            ),
-        )
+    try:
+        stack = open_stack(options)
+    except StackError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     report = RunReport(
         run_dir,
         run_id,
         seed=None,
-        stack_info={"stack": stack.name, "stream_replicas": args.stream_replicas},
+        stack_info={"stack": stack.name, "stream_replicas": options.settings.stream_replicas},
         command="python -m harness " + " ".join(sys.argv[1:]),
     )
 
@@ -1312,11 +1300,16 @@ def command(args: Any) -> int:
             if profile == "chaos":
                 from harness.nemesis import Nemesis
 
-                if not isinstance(stack, ComposeStack):
-                    print("chaos under load needs the compose backend", file=sys.stderr)
+                named = FAULTS[args.fault]
+                if missing := named.missing(stack):
+                    print(
+                        f"chaos under load with {named.name} needs {', '.join(missing)}, "
+                        f"which {stack.name} lacks",
+                        file=sys.stderr,
+                    )
                     return 2
                 nemesis = Nemesis(stack, endpoints, timeline)
-                fault = lambda: NAMED_FAULTS[args.fault](nemesis)  # noqa: E731
+                fault = lambda: named.start(nemesis)  # noqa: E731
             result = run_load(
                 endpoints,
                 spec,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -27,13 +27,17 @@ from harness.nats_admin import JetStreamAdmin, LagSampler
 from harness.nemesis import Nemesis
 from harness.report import RunReport
 from harness.stack import (
+    BACKENDS,
     ROOT,
-    STATE_DIR,
-    ComposeStack,
     Endpoints,
-    ExternalStack,
+    Reconfigurable,
+    ServiceControl,
+    Stack,
+    StackError,
+    StackOptions,
     StackSettings,
     new_run_id,
+    open_stack,
 )
 from harness.workload import EventGenerator, IngestClient
 
@@ -67,14 +71,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qoe-harness")
     group.addoption(
         "--stack",
-        choices=("compose", "external"),
+        choices=BACKENDS,
         default="compose",
-        help="compose: build and run the reference stack; external: use --stack-endpoints",
+        help="compose: build and run the reference stack; swarm: the same over several Docker "
+        "hosts; external: use --stack-endpoints",
     )
     group.addoption(
         "--stack-endpoints",
         type=Path,
         help="JSON file of an already-deployed stack's endpoints (with --stack external)",
+    )
+    group.addoption(
+        "--hosts",
+        type=Path,
+        help="with --stack swarm: a file listing real machines' Docker engines (default: hosts "
+        "made on this machine)",
     )
     group.addoption(
         "--reuse-stack",
@@ -102,7 +113,7 @@ class Run:
     run_dir: Path
     timeline: Timeline = field(default_factory=Timeline)
     report: RunReport | None = None
-    stack: Any = None
+    stack: Stack | None = None
 
     def scenario_dir(self, nodeid: str) -> Path:
         path = self.run_dir / "scenarios" / re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid)[-120:]
@@ -166,36 +177,39 @@ def run(request: pytest.FixtureRequest) -> Run:
     return _run(request.config)
 
 
+def stack_options(config: pytest.Config, run_id: str) -> StackOptions:
+    """The run's StackOptions from the command line (the only place pytest options are read)."""
+    reuse = config.getoption("--reuse-stack")
+    return StackOptions(
+        backend=config.getoption("--stack"),
+        run_id=REUSE_PROJECT if reuse else run_id,
+        project=REUSE_PROJECT if reuse else None,
+        keep=reuse,
+        timeout_s=config.getoption("--stack-timeout"),
+        endpoints_file=config.getoption("--stack-endpoints"),
+        hosts_file=config.getoption("--hosts"),
+    )
+
+
 @pytest.fixture(scope="session")
-def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[ComposeStack | ExternalStack]:
+def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[Stack]:
     """The stack under test for the whole session; always torn down (unless --reuse-stack)."""
-    config = request.config
-    if config.getoption("--stack") == "external":
-        path = config.getoption("--stack-endpoints")
-        if path is None:
-            raise pytest.UsageError("--stack external needs --stack-endpoints FILE")
-        the_stack: ComposeStack | ExternalStack = ExternalStack(path)
-    else:
-        reuse = config.getoption("--reuse-stack")
-        the_stack = ComposeStack(
-            run_id=REUSE_PROJECT if reuse else run.run_id,
-            project=REUSE_PROJECT if reuse else None,
-            state_dir=STATE_DIR,
-            keep=reuse,
-            timeout_s=config.getoption("--stack-timeout"),
-        )
+    options = stack_options(request.config, run.run_id)
+    try:
+        the_stack = open_stack(options)
+    except StackError as error:
+        raise pytest.UsageError(str(error)) from error
     run.stack = the_stack
     recorder = None
     try:
-        endpoints = the_stack.up()
+        the_stack.up()
         run.timeline.append(
             Mark(time.time(), "stack", "up", the_stack.name, duration_s=the_stack.bring_up_s)
         )
-        if isinstance(the_stack, ComposeStack):
+        if options.backend == "compose":  # its containers are all on the default engine
             from harness.docker_events import ContainerEventRecorder
 
-            recorder = ContainerEventRecorder(the_stack.run_id, run.timeline).__enter__()
-        the_stack.current_endpoints = endpoints  # type: ignore[union-attr]
+            recorder = ContainerEventRecorder(options.run_id, run.timeline).__enter__()
         yield the_stack
     finally:
         if recorder is not None:
@@ -203,29 +217,34 @@ def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[ComposeStack | E
         the_stack.down()
 
 
-@pytest.fixture
-def endpoints(stack: ComposeStack | ExternalStack) -> Endpoints:
-    """Read per test: a reconfiguration recreates containers, and their host ports change."""
-    return stack.current_endpoints  # type: ignore[union-attr]
+Capability = TypeVar("Capability")
+
+
+def require(stack: Stack, capability: type[Capability], why: str) -> Capability:
+    """The stack as `capability` (ServiceControl, Reconfigurable, Metered: harness.stack);
+    the scenario is skipped, saying why, when its stack lacks it."""
+    if not isinstance(stack, capability):
+        pytest.skip(f"{why}: the {stack.name} stack has no {capability.__name__}")
+    return stack
 
 
 @pytest.fixture
-def reconfigured_stack(
-    stack: ComposeStack | ExternalStack, request: pytest.FixtureRequest
-) -> Iterator[Endpoints]:
+def endpoints(stack: Stack) -> Endpoints:
+    """Read per test. A fault that restarts a service moves its host ports: a scenario that
+    reaches a service directly after one reads `stack.endpoints()` again."""
+    return stack.endpoints()
+
+
+@pytest.fixture
+def reconfigured_stack(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Endpoints]:
     """The stack with the settings given by `@pytest.mark.parametrize(..., indirect=True)`,
     restored to the defaults afterwards."""
-    if not isinstance(stack, ComposeStack):
-        pytest.skip(
-            "reconfiguring needs the compose backend (seeded bugs live in the reference stack)"
-        )
+    reconfigurable = require(stack, Reconfigurable, "seeded bugs need a reconfigurable stack")
     wanted: StackSettings = request.param
-    endpoints = stack.apply(wanted)
-    stack.current_endpoints = endpoints  # type: ignore[attr-defined]
     try:
-        yield endpoints
+        yield reconfigurable.apply(wanted)
     finally:
-        stack.current_endpoints = stack.apply(StackSettings())  # type: ignore[attr-defined]
+        reconfigurable.apply(StackSettings())
 
 
 # -- per scenario ---------------------------------------------------------------------------
@@ -398,14 +417,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 @pytest.fixture
 def nemesis(
-    stack: ComposeStack | ExternalStack,
+    stack: Stack,
     endpoints: Endpoints,
     run: Run,
     request: pytest.FixtureRequest,
 ) -> Iterator[Nemesis]:
     """The faults; while a scenario uses them, the consumer lag is sampled for its report."""
-    if not isinstance(stack, ComposeStack):
-        pytest.skip("process faults need the compose backend")
+    require(stack, ServiceControl, "process faults need the containers behind the services")
     sampler = LagSampler(JetStreamAdmin(endpoints.nats_urls)).start()
     request.node.stash[LAG_KEY] = sampler
     try:

@@ -6,14 +6,15 @@ A schedule is data (frozen dataclasses; `describe()` for reports, `to_dict()` fo
 in a schedule is counted in completed workload operations, not seconds: "hold this fault for
 4 operations" means the same amount of traffic through the fault on a fast or a slow machine,
 and nothing sleeps. `run_schedule` applies it through a Nemesis, healing every fault of a step
-before the next (each fault heals itself, also when the run is interrupted).
+before the next (each fault heals itself, also when the run is interrupted). Faults are named
+as in harness.nemesis.registry; generated schedules draw from its cheap ones.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,32 +22,7 @@ from hypothesis import strategies as st
 
 from harness.history import Mark
 from harness.nemesis import Fault, Nemesis
-
-FaultFactory = Callable[[Nemesis], AbstractContextManager[Any]]
-
-# Faults a generated schedule may use. Every one heals on its own and leaves the stack as it
-# found it; all of them are cheap enough for CI (seconds to inject and heal).
-CATALOGUE: dict[str, FaultFactory] = {
-    "cut ingest-nats": lambda n: n.cut("ingest-nats"),
-    "cut aggregator-nats": lambda n: n.cut("aggregator-nats"),
-    "cut diagnoser-nats": lambda n: n.cut("diagnoser-nats"),
-    "cut aggregator-postgres": lambda n: n.cut("aggregator-postgres"),
-    "cut clients-nats1": lambda n: n.cut("clients-nats1"),
-    "latency aggregator-postgres": lambda n: n.latency(
-        "aggregator-postgres", 300, 100, stream="both"
-    ),
-    "latency ingest-nats": lambda n: n.latency("ingest-nats", 500, 250),
-    "bandwidth aggregator-nats": lambda n: n.bandwidth("aggregator-nats", 32),
-    "slicer ingest-nats": lambda n: n.slicer("ingest-nats", 64, 32, 500),
-    "response cut-off harness-ingest": lambda n: n.limit_data("harness-ingest", 64),
-    "response timeout harness-ingest": lambda n: n.timeout("harness-ingest", 500),
-    "kill aggregator-1": lambda n: n.killed("aggregator-1"),
-    "kill aggregator-2": lambda n: n.killed("aggregator-2"),
-    "kill ingest-2": lambda n: n.killed("ingest-2"),
-    "kill nats-2": lambda n: n.nats_node_lost("nats-2"),
-    "pause aggregator-1": lambda n: n.paused("aggregator-1"),
-    "pause diagnoser": lambda n: n.paused("diagnoser"),
-}
+from harness.nemesis.registry import FAULTS, NamedFault, schedulable
 
 
 @dataclass(frozen=True)
@@ -95,27 +71,27 @@ class Schedule:
         )
 
 
-def check_schedule(schedule: Schedule, catalogue: Mapping[str, FaultFactory] = CATALOGUE) -> None:
-    unknown = schedule.faults() - set(catalogue)
+def check_schedule(schedule: Schedule, faults: Mapping[str, NamedFault] = FAULTS) -> None:
+    unknown = schedule.faults() - set(faults)
     if unknown:
-        raise ValueError(f"unknown faults {sorted(unknown)}; the catalogue has {sorted(catalogue)}")
+        raise ValueError(f"unknown faults {sorted(unknown)}; the named faults are {sorted(faults)}")
 
 
 def run_schedule(
     schedule: Schedule,
     nemesis: Nemesis,
     progress: Callable[[int], object],
-    catalogue: Mapping[str, FaultFactory] = CATALOGUE,
+    faults: Mapping[str, NamedFault] = FAULTS,
 ) -> list[Fault]:
     """Apply the schedule while a workload runs. `progress(n)` must return once the workload
     has completed n more operations. Returns the faults, in order, with their timings."""
-    check_schedule(schedule, catalogue)
+    check_schedule(schedule, faults)
     done: list[Fault] = []
     for index, step in enumerate(schedule.steps, start=1):
         started = time.time()
-        with ExitStack() as stack:
+        with ExitStack() as held:
             for name in step.faults:
-                fault = stack.enter_context(catalogue[name](nemesis))
+                fault = held.enter_context(faults[name].start(nemesis))
                 if isinstance(fault, Fault):
                     done.append(fault)
             progress(step.hold)
@@ -139,8 +115,9 @@ def steps(
     max_hold: int = 6,
     max_gap: int = 3,
 ) -> st.SearchStrategy[Step]:
-    """Steps over the catalogue's faults; shrinks towards one fault, short holds, no gap."""
-    pool = tuple(names if names is not None else CATALOGUE)
+    """Steps over the named faults (default: the cheap ones); shrinks towards one fault, short
+    holds, no gap."""
+    pool = tuple(names if names is not None else schedulable())
     return st.builds(
         Step,
         # Not unique=True: plain lists shrink better (elements delete); repeats are dropped.

@@ -204,14 +204,7 @@ class Metered(Protocol):
 def open_stack(options: StackOptions) -> Stack:
     """The stack `options` ask for, not yet up (`up()` brings it up or attaches to it)."""
     if options.backend == "compose":
-        return ComposeStack(
-            run_id=options.run_id,
-            state_dir=options.state_dir,
-            settings=options.settings,
-            keep=options.keep,
-            timeout_s=options.timeout_s,
-            project=options.project,
-        )
+        return ComposeStack(options)
     if options.backend == "external":
         if options.endpoints_file is None:
             raise StackError(
@@ -318,24 +311,17 @@ def _forget_state(state_dir: Path) -> None:
 
 
 class ComposeStack:
-    """The reference stack as one compose project of the tier files."""
+    """The reference stack as one compose project of the tier files, on the default engine.
 
-    def __init__(
-        self,
-        *,
-        run_id: str,
-        state_dir: Path,
-        settings: StackSettings | None = None,
-        keep: bool = False,
-        timeout_s: int = 180,
-        project: str | None = None,
-    ) -> None:
-        self.run_id = run_id
-        self.name = project or f"qoe-{run_id}"
-        self.settings = settings or StackSettings()
-        self.keep = keep
-        self.timeout_s = timeout_s
-        self.state_dir = state_dir / self.name
+    A Stack with every capability: ServiceControl, Reconfigurable, Metered."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.run_id = options.run_id
+        self.name = options.project or f"qoe-{options.run_id}"
+        self.settings = options.settings
+        self.keep = options.keep
+        self.timeout_s = options.timeout_s
+        self.state_dir = options.state_dir / self.name
         self.env_file = self.state_dir / "stack.env"
         self.endpoints_file = self.state_dir / "endpoints.json"
         self.docker = DockerClient(
@@ -343,6 +329,7 @@ class ComposeStack:
             compose_project_name=self.name,
             compose_env_files=[self.env_file],
         )
+        self._api: docker.APIClient | None = None  # for reads cheap enough to poll
         self.bring_up_s: float | None = None
 
     # -- secrets and settings -------------------------------------------------------------
@@ -398,7 +385,7 @@ class ComposeStack:
             raise StackError(self._failure_report(error)) from error
         self.bring_up_s = time.monotonic() - started
         log(f"{self.name} healthy after {self.bring_up_s:.1f} s")
-        endpoints = self._discover(env)
+        endpoints = self._discover(env, complete=True)
         endpoints.save(self.endpoints_file)
         return endpoints
 
@@ -412,7 +399,9 @@ class ComposeStack:
         except DockerException as error:
             raise StackError(self._failure_report(error)) from error
         log(f"{self.name} reconfigured ({settings}) in {time.monotonic() - started:.1f} s")
-        return self._discover(env)
+        endpoints = self._discover(env, complete=True)
+        endpoints.save(self.endpoints_file)
+        return endpoints
 
     def down(self) -> None:
         if self.keep:
@@ -434,9 +423,7 @@ class ComposeStack:
         """CPU seconds (user + system) each service's container has used since it started."""
         used: dict[str, float] = {}
         client = docker.from_env()
-        for container in client.containers.list(
-            filters={"label": f"com.docker.compose.project={self.name}"}
-        ):
+        for container in client.containers.list(filters={"label": self._project_label()}):
             # one_shot: the counters as they are now, without waiting for a second sample.
             stats = container.stats(stream=False, one_shot=True)
             service = container.labels.get("com.docker.compose.service", container.name)
@@ -447,41 +434,57 @@ class ComposeStack:
         """Belt and braces: anything of this run that compose did not remove (e.g. hand-made)."""
         remove_resources(docker.from_env(), f"{RUN_LABEL}={self.run_id}", lambda _: True)
 
-    def is_running(self) -> bool:
-        try:
-            return bool(self.docker.compose.ps())
-        except DockerException:
-            return False
-
     # -- endpoints --------------------------------------------------------------------------
 
-    def host_port(self, service: str, private_port: int) -> int:
-        return self._published_ports().get((service, private_port)) or self._missing(
-            service, private_port
-        )
+    def endpoints(self) -> Endpoints:
+        """The endpoints as they are now. Docker gives a container new host ports each time it
+        starts or is reconnected to its network, so read this again after a fault, rather
+        than keeping an old copy. A service publishing nothing at the moment (stopped, or off
+        its network) is left out of `services`, `nats_urls`, `nats_monitors` and
+        `postgres_nodes`. One call to the Docker API: cheap enough to poll."""
+        if not self.env_file.exists():
+            raise StackError(f"{self.name} is not up (no {self.env_file}); call up() first")
+        return self._discover(self._env(), complete=False)
+
+    def _project_label(self) -> str:
+        return f"com.docker.compose.project={self.name}"
 
     def _published_ports(self) -> dict[tuple[str, int], int]:
-        """(service, container port) -> host port for the whole project, in one docker call."""
+        """(service, container port) -> host port for the project's running containers."""
+        if self._api is None:
+            self._api = docker.from_env().api
         ports: dict[tuple[str, int], int] = {}
-        for container in self.docker.compose.ps():
-            service = container.config.labels.get("com.docker.compose.service", container.name)
-            for private, bindings in (container.network_settings.ports or {}).items():
-                if bindings:
-                    ports[(service, int(private.split("/")[0]))] = int(bindings[0]["HostPort"])
+        for container in self._api.containers(filters={"label": self._project_label()}):
+            service = container["Labels"].get("com.docker.compose.service", container["Id"])
+            for port in container.get("Ports") or []:
+                if port.get("PublicPort"):
+                    ports.setdefault((service, port["PrivatePort"]), port["PublicPort"])
         return ports
 
-    @staticmethod
-    def _missing(service: str, private_port: int) -> int:
-        raise StackError(f"{service} publishes no port for {private_port}; is it running?")
-
-    def _discover(self, env: Mapping[str, str]) -> Endpoints:
+    def _discover(self, env: Mapping[str, str], *, complete: bool) -> Endpoints:
+        """Endpoints from the published ports; `complete`: every service must publish its
+        ports (after bring-up), else those that do not are left out. The harness's own ways
+        in (ingest, database, Toxiproxy's API) all go through Toxiproxy, which must run."""
         published = self._published_ports()
 
         def port(service: str, private: int) -> int:
-            return published.get((service, private)) or self._missing(service, private)
+            found = published.get((service, private))
+            if found is None:
+                raise StackError(
+                    f"{service} of {self.name} publishes no port for {private}; is it running? "
+                    f"(`docker compose -p {self.name} ps -a` shows its state)"
+                )
+            return found
 
         def url(scheme: str, service: str, private: int) -> str:
             return f"{scheme}://127.0.0.1:{port(service, private)}"
+
+        def present(services: Sequence[str], private: int) -> list[str]:
+            """The services publishing `private` now; with `complete`, all of them."""
+            if complete:
+                for service in services:
+                    port(service, private)
+            return [s for s in services if (s, private) in published]
 
         password = env["POSTGRES_PASSWORD"]
         db_port = port("toxiproxy", 15439)
@@ -489,13 +492,13 @@ class ComposeStack:
             ingest_urls=(url("http", "toxiproxy", 18011), url("http", "toxiproxy", 18012)),
             ingest_token=env["HARNESS_TOKEN"],
             database_dsn=f"postgresql://qoe:{password}@127.0.0.1:{db_port}/qoe",
-            nats_urls=tuple(url("nats", node, 4222) for node in NATS_NODES),
+            nats_urls=tuple(url("nats", node, 4222) for node in present(NATS_NODES, 4222)),
             toxiproxy_url=url("http", "toxiproxy", 8474),
-            services={name: url("http", name, 8080) for name in HTTP_SERVICES},
-            nats_monitors={node: url("http", node, 8222) for node in NATS_NODES},
+            services={name: url("http", name, 8080) for name in present(HTTP_SERVICES, 8080)},
+            nats_monitors={node: url("http", node, 8222) for node in present(NATS_NODES, 8222)},
             postgres_nodes={
                 node: f"postgresql://qoe:{password}@127.0.0.1:{port(node, 5432)}/qoe"
-                for node in POSTGRES_NODES
+                for node in present(POSTGRES_NODES, 5432)
             },
             window_seconds=self.settings.window_s,
         )
@@ -519,11 +522,33 @@ class ComposeStack:
                 result[service] = f"(logs unavailable: {error})"
         return result
 
+    # -- ServiceControl ---------------------------------------------------------------------
+
+    def engine(self, service: str) -> DockerClient:
+        """Every service runs on the default engine (a client that knows the compose project)."""
+        return self.docker
+
     def container(self, service: str) -> Container:
         found = self.docker.compose.ps(services=[service], all=True)
         if not found:
             raise StackError(f"no container for service {service!r} in project {self.name}")
         return found[0]
+
+    def start(self, services: Sequence[str]) -> None:
+        """Start stopped services and wait until each runs and publishes its ports again."""
+        self.docker.compose.start(list(services))
+        for service in services:
+            wait_until(
+                lambda s=service: self._publishing(s),
+                timeout_s=10,
+                what=f"{service} running and publishing its ports again",
+            )
+
+    def _publishing(self, service: str) -> bool:
+        container = self.container(service)
+        wanted = container.host_config.port_bindings or {}
+        ports = container.network_settings.ports or {}
+        return bool(container.state.running) and all(ports.get(p) for p in wanted)
 
     def _failure_report(self, error: DockerException) -> str:
         """Name the services that are not healthy, with their last health output and logs."""
@@ -550,12 +575,6 @@ class ComposeStack:
             f"Service logs are in {failure_dir}. compose said: {str(error)[-500:]}"
         )
 
-    def __enter__(self) -> ComposeStack:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
 
 class ExternalStack:
     """An already-deployed stack: nothing to bring up or tear down, endpoints from a file."""
@@ -570,6 +589,10 @@ class ExternalStack:
         endpoints = Endpoints.load(self.endpoints_file)
         self.settings = replace(self.settings, window_s=endpoints.window_seconds)
         return endpoints
+
+    def endpoints(self) -> Endpoints:
+        """The file's endpoints: a deployment the harness does not restart does not move."""
+        return Endpoints.load(self.endpoints_file)
 
     def down(self) -> None:
         return None

@@ -104,7 +104,10 @@ def wait_for_progress(sent: list[Operation], more: int = 3, timeout_s: float = 3
 
 
 def readiness(endpoints: Endpoints, service: str) -> int | None:
-    """The HTTP status of a service's /readyz (None when it does not answer)."""
+    """The HTTP status of a service's /readyz (None when it does not answer, or publishes no
+    port at the moment: stopped, or off its network)."""
+    if service not in endpoints.services:
+        return None
     try:
         return httpx.get(f"{endpoints.services[service]}/readyz", timeout=2).status_code
     except httpx.HTTPError:

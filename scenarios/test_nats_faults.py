@@ -71,7 +71,7 @@ def test_nats_stream_leader_killed_and_back(
 
 
 def test_whole_nats_cluster_restarted(
-    client, generator, endpoints, nemesis, verifier, history, scenario_details
+    client, generator, stack, endpoints, nemesis, verifier, history, scenario_details
 ):
     """All three nodes stopped together and started again: ingest answers 503 meanwhile; the
     stream (file storage) and the durable consumer survive; the backlog is counted once."""
@@ -87,8 +87,10 @@ def test_whole_nats_cluster_restarted(
             load.progress(more=3)
             load.stop()
             scenario_details["during_fault"] = client_view(history, restart.started_at, time.time())
-    after = wait_until(
-        lambda: consumer_state(endpoints), timeout_s=60, what="the stream answering again"
+    after = wait_until(  # the restarted nodes publish new host ports: read them again
+        lambda: consumer_state(stack.endpoints()),
+        timeout_s=60,
+        what="the stream answering again",
     )[0]
     assert after["last_seq"] >= before["last_seq"], (
         f"the stream lost messages across the restart: {before} -> {after}"

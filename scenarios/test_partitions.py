@@ -270,7 +270,7 @@ def _ingest_metric(endpoints, outcome: str) -> float:
 
 
 def test_hard_partition_of_an_ingest_replica(
-    client, generator, endpoints, nemesis, verifier, history, scenario_details
+    client, generator, stack, endpoints, nemesis, verifier, history, scenario_details
 ):
     """ingest-1 taken off the ingest network (Docker, no proxy involved): requests routed to it
     fail, ingest-2 keeps acknowledging; reconnected under its service alias, ingest-1 serves
@@ -287,8 +287,9 @@ def test_hard_partition_of_an_ingest_replica(
             assert any(op.outcome is not Outcome.OK for op in during), "ingest-1 still reached"
             assert any(op.outcome is Outcome.OK for op in during), "ingest-2 did not carry on"
             scenario_details["during_fault"] = client_view(history, cut.started_at, time.time())
+    # Reconnected, ingest-1 publishes new host ports: read them again.
     _, ready_s = wait_until(
-        lambda: all_ready(endpoints, "ingest-1"), timeout_s=60, what="ingest-1 ready again"
+        lambda: all_ready(stack.endpoints(), "ingest-1"), timeout_s=60, what="ingest-1 ready again"
     )
     scenario_details["ready_again_s"] = round(ready_s, 3)
     client.settle(deadline_s=60)
@@ -297,7 +298,7 @@ def test_hard_partition_of_an_ingest_replica(
 
 @pytest.mark.slow
 def test_hard_partition_of_an_aggregator_mid_transaction(
-    client, generator, endpoints, nemesis, verifier, history, db, scenario_details
+    client, generator, stack, endpoints, nemesis, verifier, history, db, scenario_details
 ):
     """aggregator-1 taken off its Docker network (no proxy involved) while it is inside its
     batch transaction, for longer than the ack wait. aggregator-2 must carry on (what
@@ -321,8 +322,10 @@ def test_hard_partition_of_an_aggregator_mid_transaction(
                 what="aggregator-2 acknowledging anything while aggregator-1 is partitioned",
                 key="carried_on_after_s",
             )
-    _, back_s = wait_until(
-        lambda: all_ready(endpoints, "aggregator-1"), timeout_s=60, what="aggregator-1 ready"
+    _, back_s = wait_until(  # reconnected: at new host ports
+        lambda: all_ready(stack.endpoints(), "aggregator-1"),
+        timeout_s=60,
+        what="aggregator-1 ready",
     )
     scenario_details["ready_again_s"] = round(back_s, 3)
     verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)

@@ -9,19 +9,17 @@ from dataclasses import replace
 import pytest
 
 from harness.load import LOAD_HEALTH_INTERVAL_S
-from harness.stack import ComposeStack, ExternalStack
+from harness.stack import Reconfigurable, Stack
 
 
 @pytest.fixture(scope="module", autouse=True)
-def quiet_healthchecks(stack: ComposeStack | ExternalStack) -> Iterator[None]:
-    if not isinstance(stack, ComposeStack):
-        yield  # an external deployment's healthchecks are its own
+def quiet_healthchecks(stack: Stack) -> Iterator[None]:
+    if not isinstance(stack, Reconfigurable):
+        yield  # a stack that cannot be reconfigured (a deployed one) keeps its healthchecks
         return
     usual = stack.settings
-    stack.current_endpoints = stack.apply(  # type: ignore[attr-defined]
-        replace(usual, health_interval_s=LOAD_HEALTH_INTERVAL_S)
-    )
+    stack.apply(replace(usual, health_interval_s=LOAD_HEALTH_INTERVAL_S))
     try:
         yield
     finally:
-        stack.current_endpoints = stack.apply(usual)  # type: ignore[attr-defined]
+        stack.apply(usual)

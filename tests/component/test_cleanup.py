@@ -10,7 +10,7 @@ import sys
 import docker
 import pytest
 
-from harness.stack import PID_LABEL, RUN_LABEL, STATE_DIR, ComposeStack, reap_orphans
+from harness.stack import PID_LABEL, RUN_LABEL, STATE_DIR, StackOptions, open_stack, reap_orphans
 
 pytestmark = pytest.mark.component
 
@@ -60,7 +60,7 @@ def test_down_with_no_stack_up_removes_what_carries_its_label(tmp_path):
     """`python -m harness down` with no kept stack: no compose project to parse, no traceback,
     and anything labelled with the run still goes."""
     client = docker.from_env()
-    stack = ComposeStack(run_id="never-up", state_dir=tmp_path)
+    stack = open_stack(StackOptions(run_id="never-up", state_dir=tmp_path))
     volume = client.volumes.create("qoe-test-never-up", labels={RUN_LABEL: "never-up"})
     try:
         stack.down()

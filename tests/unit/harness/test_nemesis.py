@@ -14,14 +14,8 @@ from typing import ClassVar
 import pytest
 
 from harness.history import Timeline
-from harness.nemesis import (
-    LINKS,
-    TIERS,
-    Nemesis,
-    NemesisError,
-    proxies_of,
-    toxic_attributes,
-)
+from harness.nemesis import Nemesis, NemesisError
+from harness.nemesis.links import LINKS, TIERS, proxies_of, toxic_attributes
 from harness.stack import Endpoints
 
 PROXIES = sorted({p for names in LINKS.values() for p in names})

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 
 from harness.history import Timeline
 from harness.nemesis import Fault
+from harness.nemesis.registry import FAULTS, NamedFault, schedulable
 from harness.schedule import (
-    CATALOGUE,
     Schedule,
     Step,
     check_schedule,
@@ -26,7 +26,7 @@ class FakeNemesis:
         self.log: list[str] = []
 
 
-def fake_catalogue(log: list[str], fail_on: str | None = None):
+def fake_faults(log: list[str], fail_on: str | None = None) -> dict[str, NamedFault]:
     def factory(name: str):
         @contextmanager
         def fault(_nemesis):
@@ -42,13 +42,14 @@ def fake_catalogue(log: list[str], fail_on: str | None = None):
 
         return fault
 
-    return {name: factory(name) for name in ("a", "b", "c")}
+    return {name: NamedFault(name, f"fake {name}", factory(name)) for name in ("a", "b", "c")}
 
 
 @given(schedules())
 @settings(max_examples=50)
-def test_generated_schedules_use_the_catalogue_and_round_trip(schedule: Schedule):
+def test_generated_schedules_use_the_cheap_named_faults_and_round_trip(schedule: Schedule):
     check_schedule(schedule)
+    assert schedule.faults() <= set(schedulable())
     assert 1 <= len(schedule.steps) <= 3
     assert all(1 <= len(step.faults) <= 2 for step in schedule.steps)
     assert Schedule.from_dict(schedule.to_dict()) == schedule
@@ -74,7 +75,7 @@ def test_run_schedule_nests_each_step_and_heals_before_the_next():
         schedule,
         FakeNemesis(),  # type: ignore[arg-type]
         lambda n: progress.append(n) or log.append(f"progress {n}"),
-        fake_catalogue(log),
+        fake_faults(log),
     )
     assert log == [
         "inject a",
@@ -97,27 +98,27 @@ def test_a_failing_fault_still_heals_the_ones_already_in():
             Schedule((Step(("a", "b")),)),
             FakeNemesis(),  # type: ignore[arg-type]
             lambda n: None,
-            fake_catalogue(log, fail_on="b"),
+            fake_faults(log, fail_on="b"),
         )
     assert log == ["inject a", "inject b", "heal b", "heal a"]
 
 
 def test_a_failing_schedule_shrinks_to_the_smallest():
-    """The property fails whenever "kill aggregator-1" is scheduled: Hypothesis reports one
+    """The property fails whenever "down-aggregator-1" is scheduled: Hypothesis reports one
     step with just that fault, the shortest hold and no gap."""
     seen: list[Schedule] = []
 
     @given(schedules())
     @settings(max_examples=200, database=None, report_multiple_bugs=False)
     def survives(schedule: Schedule) -> None:
-        if "kill aggregator-1" in schedule.faults():
+        if "down-aggregator-1" in schedule.faults():
             seen.append(schedule)
             raise AssertionError(schedule.describe())
 
     with pytest.raises(AssertionError):
         survives()
-    assert seen[-1] == Schedule((Step(("kill aggregator-1",), hold=1, gap=0),))
+    assert seen[-1] == Schedule((Step(("down-aggregator-1",), hold=1, gap=0),))
 
 
-def test_the_catalogue_faults_are_all_context_factories():
-    assert CATALOGUE and all(callable(f) for f in CATALOGUE.values())
+def test_schedules_draw_from_the_registry():
+    assert schedulable() and all(FAULTS[name].cheap for name in schedulable())
