@@ -59,6 +59,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,5}$")  # "qoe-abcd-" + 6 characters = 15
 OWN_NAME_RE = re.compile(r"^qoe-([0-9a-f]{4})(?:-([a-z][a-z0-9]{0,5}))?$")
 ENGINE_START_TIMEOUT_S = 90
 ENGINE_STOP_GRACE_S = 15
+DISK_BYTES = 32 * 2**30  # sparse: only what the engine writes takes space
 
 
 class HostsError(RuntimeError):
@@ -156,6 +157,11 @@ class Layout:
     @property
     def data_root(self) -> Path:
         return DATA_ROOT / f"qoe-{self.short}" / self.name
+
+    @property
+    def disk(self) -> Path:
+        """The host's disk: a sparse ext4 image, mounted on the data-root."""
+        return DATA_ROOT / f"qoe-{self.short}" / f"{self.name}.img"
 
     @property
     def log_file(self) -> Path:
@@ -543,9 +549,49 @@ def _log_tail(path: Path, lines: int = 8) -> str:
 
 
 def _unmount_under(prefixes: Sequence[Path]) -> None:
-    """Mounts dockerd left (its data-root bind, overlay layers, network namespaces)."""
-    for point in mount_points_under(Path("/proc/self/mountinfo").read_text(), prefixes):
-        _run(["umount", "--lazy", point], check=False)
+    """Every mount at or under the prefixes: dockerd's (its data-root bind, overlay layers,
+    network namespaces) and the host's disk. Mounts stack on one point (the disk, then
+    dockerd's bind of it), hence passes until none is left."""
+    for _ in range(5):
+        points = mount_points_under(Path("/proc/self/mountinfo").read_text(), prefixes)
+        if not points:
+            return
+        for point in points:
+            if _run(["umount", point], check=False).returncode != 0:
+                _run(["umount", "--lazy", point], check=False)
+    raise HostsError(f"mounts under {[str(p) for p in prefixes]} stay mounted: {points}")
+
+
+def _loop_devices(disk: Path) -> list[str]:
+    return _run(["losetup", "--associated", str(disk)], check=False).stdout.splitlines()
+
+
+def mount_disk(layout: Layout) -> None:
+    """The host's disk mounted on its data-root (made first if missing). A disk of its own,
+    mounted without discard, because removing an engine's data-root file by file on this
+    machine's discard-mounted disk takes minutes (15 s for the 6,700 files of one 240 MB
+    image); removing one image file takes under a second."""
+    if os.path.ismount(layout.data_root):
+        return
+    layout.data_root.mkdir(parents=True, exist_ok=True)
+    if not layout.disk.exists():
+        with layout.disk.open("wb") as disk:
+            disk.truncate(DISK_BYTES)
+        _run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "nodiscard,lazy_itable_init=1",
+                str(layout.disk),
+            ]
+        )
+    # A disk still attached (a lazy unmount not yet released) must not be mounted twice.
+    wait_until(lambda: not _loop_devices(layout.disk), timeout_s=30, what=f"{layout.disk} released")
+    _run(["mount", "-o", "loop,nodiscard", str(layout.disk), str(layout.data_root)])
 
 
 def stop_engine(layout: Layout, *, grace_s: float = ENGINE_STOP_GRACE_S) -> None:
@@ -577,7 +623,11 @@ def remove_host(layout: Layout) -> None:
     if layout.netns_path.exists():
         _ip("netns", "delete", layout.ns, check=False)
     shutil.rmtree(layout.run_dir, ignore_errors=True)
-    shutil.rmtree(layout.data_root, ignore_errors=True)
+    with contextlib.suppress(DeadlineExceeded):
+        wait_until(lambda: not _loop_devices(layout.disk), timeout_s=30, what="disk released")
+    if not os.path.ismount(layout.data_root):  # never delete into a disk still mounted
+        shutil.rmtree(layout.data_root, ignore_errors=True)
+        layout.disk.unlink(missing_ok=True)
     layout.log_file.unlink(missing_ok=True)
 
 
@@ -648,7 +698,11 @@ def remove_run(left: Leftovers, record: RunRecord | None) -> None:
     for rule in left.rules:
         _iptables(*rule.delete_args(), check=False)
     _ip("link", "delete", f"qoe-{left.short}", check=False)
+    mountinfo = Path("/proc/self/mountinfo").read_text()
     for folder in left.folders or [DATA_ROOT / f"qoe-{left.short}"]:
+        still = mount_points_under(mountinfo, [folder])
+        if still:
+            raise HostsError(f"{folder} still has mounts {still}; unmount them and run again")
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -874,7 +928,7 @@ class Hosts:
         for stale in (layout.socket, layout.pidfile):
             stale.unlink(missing_ok=True)
         layout.run_dir.mkdir(parents=True, exist_ok=True)
-        layout.data_root.mkdir(parents=True, exist_ok=True)
+        mount_disk(layout)
         layout.config_file.write_text("{}\n")  # not /etc/docker/daemon.json of this machine
         cgroup = HostCgroup(layout.ns)
         cgroup.create()
