@@ -5,6 +5,7 @@
 - `links`: Toxiproxy link cuts, tier partitions, toxics, upstream moves;
 - `processes`: kill, stop, restart, pause, disconnect, through the stack's ServiceControl;
 - `postgres`: the standby cut off, and failover;
+- `hosts`: partitions between Docker hosts, a host crashed, frozen, drained; a swarm task killed;
 - `registry`: every named fault (CLI `fault`, chaos under load, generated schedules).
 
 A new mechanism is a module here with a `NemesisCore` subclass holding its faults, added to
@@ -15,6 +16,7 @@ capabilities they need).
 from __future__ import annotations
 
 from harness.nemesis.core import Fault, NemesisCore, NemesisError
+from harness.nemesis.hosts import HostFaults
 from harness.nemesis.links import LinkFaults
 from harness.nemesis.postgres import PostgresFaults
 from harness.nemesis.processes import ProcessFaults
@@ -22,8 +24,9 @@ from harness.nemesis.processes import ProcessFaults
 __all__ = ["Fault", "Nemesis", "NemesisError"]
 
 
-class Nemesis(PostgresFaults, LinkFaults, ProcessFaults, NemesisCore):
+class Nemesis(PostgresFaults, LinkFaults, ProcessFaults, HostFaults, NemesisCore):
     """Every mechanism's faults on one stack, recorded in the run's timeline.
 
     `Nemesis(stack, endpoints, timeline)`: link faults need the endpoints' Toxiproxy; process
-    and PostgreSQL faults need a stack with ServiceControl (harness.stack)."""
+    and PostgreSQL faults need a stack with ServiceControl (harness.stack); host faults a stack
+    on hosts of its own (harness.nemesis.hosts.MultiHost: the swarm backend)."""

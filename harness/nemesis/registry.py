@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harness.nemesis.hosts import MultiHost
 from harness.stack import ServiceControl, Stack
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def _killed_and_back(nemesis: Nemesis, service: str) -> Iterator[None]:
 
 LINK: tuple[type, ...] = ()  # Toxiproxy, which every Nemesis has
 PROCESS: tuple[type, ...] = (ServiceControl,)
+HOSTS: tuple[type, ...] = (MultiHost,)
 
 # In this order: generated schedules draw from the cheap ones in it (and shrink towards the
 # first), so a run seed replays the same schedules.
@@ -210,6 +212,67 @@ _ENTRIES = (
         lambda n: n.paused("nats-2"),
         needs=PROCESS,
         cheap=False,
+    ),
+    # -- hosts (harness.nemesis.hosts: firewall rules in each host, its engine, the swarm) -------
+    NamedFault(
+        "isolate-nats-2-host",
+        "the host of nats-2 cut from every other host (a NATS minority)",
+        lambda n: n.isolate_host_of("nats-2"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "isolate-aggregator-1-host",
+        "the host of aggregator-1 (processing) cut from every other host",
+        lambda n: n.isolate_host_of("aggregator-1"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "loss-probe-1-to-ingest-1-host",
+        "packets from probe-1's host to ingest-1's host lost, the other way delivered",
+        lambda n: n.one_way_loss_between("probe-1", "ingest-1"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "halves-hosts",
+        "the hosts split in two halves that cannot reach each other",
+        lambda n: n.halved(),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "bridge-hosts",
+        "two halves of the hosts cut from each other, one host in the middle seeing both",
+        lambda n: n.bridged(),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "crash-postgres-primary-host",
+        "the PostgreSQL primary's host powered off (all its processes SIGKILLed), back after",
+        lambda n: n.crash_host_of("postgres-primary"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "crash-aggregator-1-host",
+        "the host of aggregator-1 powered off (all its processes SIGKILLed), back after",
+        lambda n: n.crash_host_of("aggregator-1"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "freeze-ingest-1-host",
+        "every container on ingest-1's host paused while held",
+        lambda n: n.freeze_host_of("ingest-1"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "drain-ingest-2-host",
+        "ingest-2's swarm node drained while held, then active again",
+        lambda n: n.drain_host_of("ingest-2"),
+        needs=HOSTS,
+    ),
+    NamedFault(
+        "task-kill-ingest-1",
+        "ingest-1's swarm task SIGKILLed; the swarm starts a new one",
+        lambda n: n.kill_task_of("ingest-1"),
+        needs=HOSTS,
     ),
 )
 

@@ -20,7 +20,6 @@ import docker
 import pytest
 
 from harness.history import Timeline
-from harness.host_faults import HostNemesis
 from harness.hosts import (
     CGROUP_ROOT,
     DATA_ROOT,
@@ -31,6 +30,7 @@ from harness.hosts import (
     reap_orphaned_hosts,
     short_id,
 )
+from harness.nemesis.hosts import HostNemesis
 from harness.polling import wait_until
 from harness.stack import ROOT
 

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -18,17 +19,6 @@ from hypothesis import strategies as st
 
 from harness import hosts as hosts_module
 from harness.history import Timeline
-from harness.host_faults import (
-    HostNemesis,
-    bridge,
-    complete,
-    cut_pairs,
-    describe,
-    drop_rules,
-    halves,
-    isolate,
-    one_way,
-)
 from harness.hosts import (
     Host,
     HostsError,
@@ -46,7 +36,19 @@ from harness.hosts import (
     short_id,
     tagged_rules,
 )
-from harness.nemesis import NemesisError
+from harness.nemesis import Nemesis, NemesisError
+from harness.nemesis.hosts import (
+    HostNemesis,
+    bridge,
+    complete,
+    cut_pairs,
+    describe,
+    drop_rules,
+    halves,
+    isolate,
+    one_way,
+)
+from harness.nemesis.registry import named
 
 H3 = ["h1", "h2", "h3"]
 H5 = ["h1", "h2", "h3", "h4", "h5"]
@@ -399,7 +401,23 @@ def test_partition_not_in_effect_fails_and_still_heals(monkeypatch):
     fake = FakeHosts(H3)
     nemesis = HostNemesis(fake, Timeline())  # type: ignore[arg-type]
     monkeypatch.setattr(nemesis, "connects", lambda source, destination: True)
-    loss = nemesis.partition(one_way("h1", "h2"), effect_timeout_s=0.3)
+    loss = nemesis.host_partition(one_way("h1", "h2"), effect_timeout_s=0.3)
     with pytest.raises(AssertionError, match="taking effect"), loss:
         pass
     assert fake.rules == {"h1": [], "h2": [], "h3": []}
+
+
+def test_named_host_faults_reach_the_hosts_through_the_stack():
+    """The registry's entry finds the host by the service on it (stack.host_of) and the hosts
+    through stack.hosts; a stack without hosts of its own is told what is missing."""
+    fake = FakeHosts(H3)
+    on_hosts = SimpleNamespace(name="qoe-swarm", hosts=fake, host_of={"nats-2": "h3"}.get)
+    nemesis = Nemesis(on_hosts, SimpleNamespace(toxiproxy_url=None), Timeline())  # type: ignore[arg-type]
+    with named("isolate-nats-2-host").start(nemesis) as fault:
+        assert fault.name == "isolate h3" and fake.rules["h3"]
+    assert fake.rules == {"h1": [], "h2": [], "h3": []}
+    compose = SimpleNamespace(name="qoe-compose")
+    assert named("isolate-nats-2-host").missing(compose) == ["MultiHost"]  # type: ignore[arg-type]
+    on_compose = Nemesis(compose, SimpleNamespace(toxiproxy_url=None), Timeline())  # type: ignore[arg-type]
+    with pytest.raises(NemesisError, match="--stack swarm"):
+        on_compose.isolated("h1")

@@ -1,5 +1,5 @@
-"""Host-level faults (the multi-machine nemesis): partitions between hosts, a host's power
-cut and return, a host frozen, a swarm node drained, a swarm task killed.
+"""Host faults (the multi-machine nemesis): partitions between hosts, a host's power cut and
+return, a host frozen, a swarm node drained, a swarm task killed.
 
 Partitions are Jepsen's grudges, pure data: for each host, the hosts whose packets it drops
 (`isolate`, `halves`, `bridge`, `one_way`, `complete`). A grudge becomes DROP rules in the raw
@@ -8,26 +8,30 @@ and the overlay's VXLAN are cut alike), run through `Hosts.run_on` (nsenter here
 machine), each rule tagged `qoe-harness:<run id>/<fault>` so healing deletes exactly the
 fault's rules and reaping all of the run's.
 
-Every fault is a context manager built on the nemesis fault skeleton (`Nemesis.fault`): it
+Every fault is a context manager on the nemesis fault skeleton (`NemesisCore.fault`): it
 records start, effect and heal marks in the run's timeline, is shown in effect before the body
 runs (a TCP connect across the cut fails; a crashed engine's socket is silent and the manager
 marks its node down; ...), and always heals, also when the body fails or is interrupted.
+
+`HostFaults` is the mechanism `Nemesis` has: on a stack spread over hosts (`MultiHost`: its
+`hosts` and `host_of(service)`, e.g. harness.swarm.SwarmStack) it reaches them through
+`stack.hosts`, and its `*_of(service)` faults name a host by the service on it (the registry's
+entries). `HostNemesis(hosts, timeline)` has the same faults on bare `Hosts`, without a stack.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol, runtime_checkable
 
 from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException
 
 from harness.history import Timeline
 from harness.hosts import HOST_LABEL, Hosts
-from harness.nemesis import Fault, Nemesis, NemesisError
+from harness.nemesis.core import Fault, NemesisCore, NemesisError
 from harness.polling import wait_until
 
 Grudge = Mapping[str, frozenset[str]]
@@ -130,26 +134,43 @@ def drop_rules(
 # -- the faults ------------------------------------------------------------------------------
 
 
-class HostNemesis:
-    """Host faults on the hosts of a run, recorded in its timeline. `manager` is the swarm
-    manager's engine (default: the one `hosts.form_swarm` chose), for the swarm faults and to
-    see a crashed node marked down."""
+@runtime_checkable
+class MultiHost(Protocol):
+    """Capability: a stack spread over Docker hosts (host faults need it)."""
 
-    fault = Nemesis.fault  # the nemesis fault skeleton: start / effective / healed / band marks
+    hosts: Hosts
 
-    def __init__(
-        self, hosts: Hosts, timeline: Timeline, manager: DockerClient | None = None
-    ) -> None:
-        self.hosts = hosts
-        self.timeline = timeline
-        self.faults: list[Fault] = []
-        self._manager = manager
-        self._numbers = itertools.count(1)
+    def host_of(self, service: str) -> str: ...
+
+
+class HostFaults(NemesisCore):
+    """Faults on the hosts of a stack spread over several (MultiHost), recorded in the run's
+    timeline. The swarm faults and the crash's "node marked down" ask the swarm manager the
+    hosts formed (`Hosts.manager`)."""
+
+    _bare_hosts: Hosts | None = None  # HostNemesis: hosts without a stack
+    _manager_client: DockerClient | None = None
+
+    @property
+    def hosts(self) -> Hosts:
+        if self._bare_hosts is not None:
+            return self._bare_hosts
+        if not isinstance(self.stack, MultiHost):
+            raise NemesisError(
+                f"{self.stack.name} does not run on hosts of its own (no MultiHost: `hosts` and "
+                "`host_of`); host faults need the swarm backend (--stack swarm)"
+            )
+        return self.stack.hosts
+
+    def host_of(self, service: str) -> str:
+        if not isinstance(self.stack, MultiHost):
+            raise NemesisError(f"{self.stack.name} does not say which host runs {service}")
+        return self.stack.host_of(service)
 
     @property
     def manager(self) -> DockerClient:
-        if self._manager is not None:
-            return self._manager
+        if self._manager_client is not None:
+            return self._manager_client
         if self.hosts.manager is None:
             raise NemesisError("this fault needs the swarm: no manager given and no swarm formed")
         return self.hosts.client(self.hosts.manager)
@@ -176,7 +197,7 @@ class HostNemesis:
     # -- partitions ---------------------------------------------------------------------------
 
     @contextmanager
-    def partition(
+    def host_partition(
         self, grudge: Grudge, *, name: str | None = None, effect_timeout_s: float = 30
     ) -> Iterator[Fault]:
         """The grudge applied (DROP rules in each dropping host), held for the body, healed.
@@ -186,7 +207,7 @@ class HostNemesis:
         if not pairs:
             raise ValueError("the grudge drops nothing")
         label = name or f"partition {describe(grudge)}"
-        tag = self.hosts.firewall_tag(f"p{next(self._numbers)}")
+        tag = self.hosts.firewall_tag(f"p{len(self.faults) + 1}")  # this nemesis's next fault
         addresses = {h.name: h.address for h in self.hosts.all()}
         rules = drop_rules(grudge, addresses, tag)
         if not self._all_pairs(pairs, connected=True):
@@ -226,20 +247,22 @@ class HostNemesis:
             fault.notes["grudge"] = {h: sorted(s) for h, s in grudge.items()}
             yield fault
 
-    def isolated(self, host: str) -> Any:
+    def isolated(self, host: str) -> AbstractContextManager[Fault]:
         """`host` cut from every other host of the run (a context manager of Fault)."""
-        return self.partition(isolate(self._names(), host), name=f"isolate {host}")
+        return self.host_partition(isolate(self._names(), host), name=f"isolate {host}")
 
-    def halved(self) -> Any:
+    def halved(self) -> AbstractContextManager[Fault]:
         names = self._names()
-        return self.partition(halves(names), name=f"halves {describe(halves(names))}")
+        return self.host_partition(halves(names), name=f"halves {describe(halves(names))}")
 
-    def bridged(self) -> Any:
+    def bridged(self) -> AbstractContextManager[Fault]:
         names = self._names()
-        return self.partition(bridge(names), name=f"bridge via {names[len(names) // 2]}")
+        return self.host_partition(bridge(names), name=f"bridge via {names[len(names) // 2]}")
 
-    def one_way_loss(self, source: str, destination: str) -> Any:
-        return self.partition(one_way(source, destination), name=f"loss {source}->{destination}")
+    def one_way_loss(self, source: str, destination: str) -> AbstractContextManager[Fault]:
+        return self.host_partition(
+            one_way(source, destination), name=f"loss {source}->{destination}"
+        )
 
     def _names(self) -> list[str]:
         return [h.name for h in self.hosts.all()]
@@ -252,7 +275,7 @@ class HostNemesis:
         at once; back after the body: the engine started again on the same data-root, in the
         swarm again. In effect when its socket is silent and (it being a worker) the manager
         marks its node down."""
-        swarm = self.hosts.manager is not None or self._manager is not None
+        swarm = self.hosts.manager is not None or self._manager_client is not None
         watch_node = swarm and host != self.hosts.manager
         node_id = self.hosts.node_id(host) if swarm else ""
 
@@ -395,6 +418,42 @@ class HostNemesis:
         if HOST_LABEL not in labels:
             raise NemesisError(f"swarm node {node_id} has no {HOST_LABEL} label; form_swarm first")
         return labels[HOST_LABEL]
+
+    # -- by the service a host runs (the registry's entries) ------------------------------------
+
+    def isolate_host_of(self, service: str) -> AbstractContextManager[Fault]:
+        """The host running `service` cut from every other host."""
+        return self.isolated(self.host_of(service))
+
+    def one_way_loss_between(self, source: str, destination: str) -> AbstractContextManager[Fault]:
+        """Packets from the host of service `source` to the host of `destination` lost."""
+        return self.one_way_loss(self.host_of(source), self.host_of(destination))
+
+    def crash_host_of(self, service: str) -> AbstractContextManager[Fault]:
+        return self.crashed(self.host_of(service))
+
+    def freeze_host_of(self, service: str) -> AbstractContextManager[Fault]:
+        return self.frozen(self.host_of(service))
+
+    def drain_host_of(self, service: str) -> AbstractContextManager[Fault]:
+        return self.drained(self.host_of(service))
+
+    def kill_task_of(self, service: str) -> AbstractContextManager[Fault]:
+        """The service's swarm task SIGKILLed (swarm names it <stack>_<service>)."""
+        return self.task_killed(f"{self.stack.name}_{service}")
+
+
+class HostNemesis(HostFaults):
+    """Host faults on bare `Hosts`, without a stack (component tests, trying things out).
+    `manager`: the swarm manager's engine, if not the one `hosts.form_swarm` chose."""
+
+    def __init__(self, hosts: Hosts, timeline: Timeline, manager: DockerClient | None = None):
+        self.stack = None  # type: ignore[assignment]
+        self.endpoints = None  # type: ignore[assignment]
+        self.timeline = timeline
+        self.faults: list[Fault] = []
+        self._bare_hosts = hosts
+        self._manager_client = manager
 
 
 def _paused(client: DockerClient, container_id: str) -> bool:
