@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from harness import checker
+from harness.explain import Explanation, explain
 from harness.history import History, Mark, Timeline
 from harness.nats_admin import JetStreamAdmin, LagSampler
 from harness.nemesis import Nemesis
@@ -266,6 +267,7 @@ def history(request: pytest.FixtureRequest, scenario_dir: Path) -> Iterator[Hist
 HISTORY_KEY = pytest.StashKey[History]()
 DETAILS_KEY = pytest.StashKey[dict[str, Any]]()
 VERDICT_KEY = pytest.StashKey[checker.Verdict]()
+EXPLANATION_KEY = pytest.StashKey[tuple[Explanation, ...]]()
 LAG_KEY = pytest.StashKey[LagSampler]()
 
 
@@ -323,7 +325,8 @@ class Verifier:
         self, history: History, probe_ids: list[str], timeout_s: float = 30.0
     ) -> checker.Verdict:
         verdict = self.observe(history, probe_ids, timeout_s)
-        assert verdict.valid, verdict.summary()
+        why = "".join(f"\n  why: {e.short()}" for e in self.node.stash.get(EXPLANATION_KEY, ()))
+        assert verdict.valid, verdict.summary() + why
         return verdict
 
     def observe(
@@ -339,6 +342,8 @@ class Verifier:
             timeout_s,
         )
         self.node.stash[VERDICT_KEY] = verdict
+        if not verdict.valid:
+            self.node.stash[EXPLANATION_KEY] = explain(verdict, history, self.run.timeline.marks())
         self.run.timeline.append(
             Mark(
                 time.time(),
@@ -370,6 +375,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 logs = run.stack.logs(tail=150)
             except Exception as error:  # the stack itself may be what failed
                 logs = {"harness": f"could not collect logs: {error}"}
+        explanations = item.stash.get(EXPLANATION_KEY, ())
+        if verdict is not None:  # JUnit XML <properties>: a CI system's test view shows them
+            report.user_properties.append(("verdict", verdict.summary().splitlines()[0]))
+            report.user_properties.extend(("why", e.short()) for e in explanations)
         assert run.report is not None
         run.report.add_scenario(
             nodeid=item.nodeid,
@@ -379,6 +388,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             details={
                 **item.stash.get(DETAILS_KEY, {}),
                 **_over_time(item),
+                **({"explanation": [e.to_dict() for e in explanations]} if explanations else {}),
                 **({"longrepr": str(report.longrepr)[-4000:]} if report.failed else {}),
             },
             logs=logs,

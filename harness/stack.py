@@ -68,13 +68,15 @@ class Endpoints:
     """Where the harness reaches the stack. Written to and read from an endpoints file (JSON)."""
 
     ingest_urls: tuple[str, ...]
-    ingest_token: str
-    database_dsn: str
+    # Secrets (the token, passwords in DSNs) stay out of repr: a failed test's output, which
+    # goes into the reports, shows the fixtures' values.
+    ingest_token: str = field(repr=False)
+    database_dsn: str = field(repr=False)
     nats_urls: tuple[str, ...] = ()
     toxiproxy_url: str | None = None
     services: Mapping[str, str] = field(default_factory=dict)  # name -> http base URL
     nats_monitors: Mapping[str, str] = field(default_factory=dict)  # node -> http monitor URL
-    postgres_nodes: Mapping[str, str] = field(default_factory=dict)  # node -> superuser DSN
+    postgres_nodes: Mapping[str, str] = field(default_factory=dict, repr=False)  # node -> DSN
     window_seconds: int = 60
 
     def save(self, path: Path) -> None:

@@ -44,7 +44,29 @@ def run_dir(tmp_path: Path) -> Path:
         "failed",
         30.25,
         wrong,
-        {"longrepr": "AssertionError: INVALID <boom>"},
+        {
+            "longrepr": "AssertionError: INVALID <boom>",
+            "explanation": [
+                {
+                    "window": "probe p1 target t1 window 2024-05-01T12:00:00Z",
+                    "difference": 2,
+                    "short": "+2 (2 too many): e0 counted twice, acked at 12:00:03.2 by w1",
+                    "unidentified": "",
+                    "suspects": [
+                        {"event_id": "e0", "how": "counted twice", "operations": ["ok by w1"]}
+                    ],
+                    "overlapping": [
+                        {
+                            "at": 1.0,
+                            "source": "nemesis",
+                            "name": "kill aggregator-1",
+                            "detail": "",
+                            "duration_s": 2.0,
+                        }
+                    ],
+                }
+            ],
+        },
         {"aggregator-1": "WARNING seeded bug aggregator_no_dedup is ON\n<script>x</script>"},
     )
     report.add_scenario("scenarios/test_bad_input.py::test_413", "skipped", 0.0, None)
@@ -89,6 +111,8 @@ def test_page_puts_the_failure_first_and_the_unit_tests_in_one_line(run_dir: Pat
     assert verdict < failure < html.index('id="scenarios"') < html.index('id="timeline"')
     assert "1 failed</strong> of 33." in html[verdict:failure]
     assert "unit and component tests: 30 passed" in html[verdict:failure]
+    explained = html.index("e0 counted twice, acked at 12:00:03.2 by w1")
+    assert failure < explained < html.index('id="scenarios"')  # open in the failure section
     assert "test_x.py" not in html.split('id="run"')[0]  # no row per unit test
     for suite in ("e2e", "dedup", "bad_input"):
         assert f'id="suite-{suite}"' in html
