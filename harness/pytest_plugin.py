@@ -146,13 +146,16 @@ def pytest_configure(config: pytest.Config) -> None:
     run_dir = Path(config.getoption("--report-dir")) / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     run = Run(run_id=run_id, seed=seed, run_dir=run_dir)
-    args = [a for a in config.invocation_params.args if not a.startswith("--run-seed")]
+    pytest_ = ".venv/bin/python -m pytest"
     run.report = RunReport(
         run_dir=run_dir,
         run_id=run_id,
         seed=seed,
         stack_info={"backend": config.getoption("--stack")},
-        command=" ".join([".venv/bin/python -m pytest", *map(shlex.quote, args)]),
+        command=shlex.join([*pytest_.split(), *_without(config, "--run-seed")]),
+        scenario_command=shlex.join(
+            [*pytest_.split(), *_without(config, "--run-seed", "-m", "-k")]
+        ),
     )
     config.stash[RUN_KEY] = run
     # Reports beside the summary unless the user asked for them elsewhere.
@@ -163,6 +166,23 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.xmlpath = str(run_dir / "junit.xml")
     if config.getoption("hypothesis_profile", None) is None:
         settings.load_profile("live")
+
+
+def _without(config: pytest.Config, *options: str) -> list[str]:
+    """The run's arguments without `options` (and their values) and, when -m or -k go, without
+    the selection's paths too: what a single nodeid can follow."""
+    drop_paths = "-m" in options or "-k" in options
+    paths = set(config.args) if drop_paths else set()
+    kept: list[str] = []
+    args = iter(config.invocation_params.args)
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in options:
+            if "=" not in arg:
+                next(args, None)  # its value
+        elif not (len(name) > 2 and name[:2] in options) and arg not in paths:
+            kept.append(arg)
+    return kept
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -69,12 +69,15 @@ class RunReport:
         stack_info: Mapping[str, Any] | None = None,
         *,
         command: str | None = None,
+        scenario_command: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_id = run_id
         self.seed = seed
         self.stack_info = dict(stack_info or {})
         self.command = command or ".venv/bin/pytest"
+        # The run's command without its selection (paths, -m, -k): what one nodeid follows.
+        self.scenario_command = scenario_command or self.command
         self.started_at = time.time()
         self._lock = threading.Lock()
         self._scenarios: list[ScenarioResult] = []
@@ -115,6 +118,7 @@ class RunReport:
             seed=self.seed,
             stack_info=self.stack_info,
             command=self.command,
+            scenario_command=self.scenario_command,
             started_at=self.started_at,
             scenarios=scenarios,
             marks=marks,
@@ -136,6 +140,7 @@ def summarise(
     seed: int | None,
     stack_info: Mapping[str, Any],
     command: str,
+    scenario_command: str,
     started_at: float,
     scenarios: Sequence[ScenarioResult],
     marks: Sequence[Mapping[str, Any]],
@@ -154,7 +159,7 @@ def summarise(
     rows = []
     for s in scenarios:
         row = asdict(s)
-        row["reproduce"] = f"{command} {shlex.quote(s.nodeid)}{seed_arg}"
+        row["reproduce"] = f"{scenario_command} {shlex.quote(s.nodeid)}{seed_arg}"
         rows.append(row)
     return {
         "schema": SCHEMA_VERSION,
@@ -168,7 +173,7 @@ def summarise(
         "convergence": convergence_stats(times),
         "reproduce": {
             "run": f"{command}{seed_arg}",
-            "failed": f"{command} {' '.join(shlex.quote(n) for n in failed)}{seed_arg}"
+            "failed": f"{scenario_command} {' '.join(shlex.quote(n) for n in failed)}{seed_arg}"
             if failed
             else None,
         },

@@ -193,3 +193,25 @@ def test_fault_scenarios_get_a_recovery_row_and_a_picture(tmp_path: Path) -> Non
     page = report.write().read_text()
     assert 'id="recovery">Faults and recovery</h2>' in page and "5.50s" in page
     assert "over time: test_cut" in page and "consumer lag" in page and "lag unreadable" in page
+
+
+def test_a_scenario_is_reproduced_without_the_run_s_selection() -> None:
+    from types import SimpleNamespace
+
+    from harness.pytest_plugin import _without
+
+    config = SimpleNamespace(
+        args=["tests", "scenarios"],
+        invocation_params=SimpleNamespace(
+            args=("tests", "scenarios", "-m", "not slow", "--run-seed", "7", "--stack=swarm", "-q")
+        ),
+    )
+    assert _without(config, "--run-seed") == [
+        "tests",
+        "scenarios",
+        "-m",
+        "not slow",
+        "--stack=swarm",
+        "-q",
+    ]  # type: ignore[arg-type]
+    assert _without(config, "--run-seed", "-m", "-k") == ["--stack=swarm", "-q"]  # type: ignore[arg-type]
