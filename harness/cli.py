@@ -1,5 +1,5 @@
 """The command-line face of the harness:
-`python -m harness up|down|status|run|report|build|fault|load|benchmark`."""
+`python -m harness up|down|status|run|report|build|fault|load|benchmark|check-bench`."""
 
 from __future__ import annotations
 
@@ -128,6 +128,26 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
     # Each replica count gets a stack of its own: these options with its run id and settings.
     return benchmark.command(args, StackOptions(backend=args.stack, hosts_file=args.hosts))
+
+
+def cmd_check_bench(args: argparse.Namespace) -> int:
+    from harness import checkbench
+
+    try:
+        spec = checkbench.BenchSpec(
+            events=args.events,
+            batch=args.batch,
+            events_per_s=args.events_per_s,
+            lost=args.lost,
+            doubled=args.doubled,
+            moved=args.moved,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"check-bench: {exc}", file=sys.stderr)
+        return 2
+    engines = ("columnar", "memory") if args.engine == "both" else (args.engine,)
+    return checkbench.main(spec, engines=engines, keep=args.keep, memory_limit=args.memory_limit)
 
 
 def cmd_fault(args: argparse.Namespace) -> int:
@@ -296,6 +316,21 @@ def parser() -> argparse.ArgumentParser:
     fault.add_argument("--hold", type=_positive, default=10.0, help="seconds (default 10)")
     _backend_options(fault, KEPT_BACKENDS)
     _load_parser(sub)
+    check_bench = sub.add_parser(
+        "check-bench",
+        help="check a synthetic load history of N events; print time and peak memory",
+    )
+    check_bench.add_argument("--events", type=int, default=1_000_000)
+    check_bench.add_argument("--engine", choices=("columnar", "memory", "both"), default="columnar")
+    check_bench.add_argument("--batch", type=int, default=200, help="events per batch")
+    check_bench.add_argument("--events-per-s", type=float, default=5000, help="sets the span")
+    for error in ("lost", "doubled", "moved"):
+        check_bench.add_argument(
+            f"--{error}", type=int, default=2, help=f"acknowledged events {error} (seeded errors)"
+        )
+    check_bench.add_argument("--seed", type=int, default=1)
+    check_bench.add_argument("--memory-limit", default="1GB", help="DuckDB's memory limit")
+    check_bench.add_argument("--keep", type=Path, help="write the history here and keep it")
     return top
 
 
@@ -311,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": cmd_load,
         "benchmark": cmd_benchmark,
         "fault": cmd_fault,
+        "check-bench": cmd_check_bench,
     }
     try:
         return handlers[args.command](args)
