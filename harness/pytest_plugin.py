@@ -12,7 +12,7 @@ import re
 import shlex
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -279,12 +279,25 @@ def scenario_dir(request: pytest.FixtureRequest, run: Run) -> Path:
 @pytest.fixture
 def history(request: pytest.FixtureRequest, scenario_dir: Path) -> Iterator[History]:
     recorded = History()
-    request.node.stash[HISTORY_KEY] = recorded
+    _pictured(request.node).append(recorded)
     yield recorded
     recorded.save(scenario_dir / "history.jsonl")
 
 
-HISTORY_KEY = pytest.StashKey[History]()
+PICTURED_KEY = pytest.StashKey[list[History]]()  # what the scenario's picture draws
+
+
+def _pictured(node: pytest.Item) -> list[History]:
+    return node.stash.setdefault(PICTURED_KEY, [])
+
+
+@pytest.fixture
+def plot_history(request: pytest.FixtureRequest) -> Callable[[History], None]:
+    """Call with a History of the scenario's own (a schedule's examples, a load run's merged
+    outcomes) to draw its operations in the scenario's picture beside the `history` fixture's."""
+    return _pictured(request.node).append
+
+
 DETAILS_KEY = pytest.StashKey[dict[str, Any]]()
 VERDICT_KEY = pytest.StashKey[checker.Verdict]()
 EXPLANATION_KEY = pytest.StashKey[tuple[Explanation, ...]]()
@@ -419,11 +432,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _over_time(item: pytest.Item) -> dict[str, Any]:
     """A fault scenario's clients and consumer lag over time, for its report picture."""
     sampler = item.stash.get(LAG_KEY, None)
-    history = item.stash.get(HISTORY_KEY, None)
+    histories = item.stash.get(PICTURED_KEY, [])
     if sampler is None:
         return {}
     return {
-        "clients_over_time": history.rates() if history is not None else [],
+        "clients_over_time": History.merge(*histories).rates(),
         "consumer_lag": sampler.samples(),
     }
 

@@ -28,8 +28,11 @@ def _budget() -> int:
     return 20 if getattr(settings, "_current_profile", None) == "thorough" else 2
 
 
-def _run_one(schedule: Schedule, n: int, *, nemesis, endpoints, verifier, run, prefix) -> dict:
+def _run_one(
+    schedule: Schedule, n: int, *, nemesis, endpoints, verifier, run, prefix, plot
+) -> dict:
     history = History()
+    plot(history)  # every example's traffic in the scenario's picture
     generator = EventGenerator(
         seed=run.seed + n,
         run_prefix=f"{prefix}s{n}",
@@ -60,13 +63,15 @@ def _run_one(schedule: Schedule, n: int, *, nemesis, endpoints, verifier, run, p
 
 
 @pytest.mark.slow
-def test_a_fixed_schedule(nemesis, endpoints, verifier, run, probe_prefix, scenario_details):
+def test_a_fixed_schedule(
+    nemesis, endpoints, verifier, run, probe_prefix, scenario_details, plot_history
+):
     """A hand-written sequence (Jepsen's timed nemesis): link faults, then process faults."""
     schedule = Schedule(
         (
-            Step(("cut ingest-nats", "latency aggregator-postgres"), hold=3, gap=1),
-            Step(("kill aggregator-1", "response cut-off harness-ingest"), hold=3, gap=1),
-            Step(("cut aggregator-nats", "pause diagnoser"), hold=3, gap=0),
+            Step(("cut-ingest-nats", "latency-aggregator-postgres"), hold=3, gap=1),
+            Step(("down-aggregator-1", "response-cut-off-harness-ingest"), hold=3, gap=1),
+            Step(("cut-aggregator-nats", "pause-diagnoser"), hold=3, gap=0),
         )
     )
     result = _run_one(
@@ -77,6 +82,7 @@ def test_a_fixed_schedule(nemesis, endpoints, verifier, run, probe_prefix, scena
         verifier=verifier,
         run=run,
         prefix=probe_prefix,
+        plot=plot_history,
     )
     scenario_details["examples"] = [result]
     scenario_details["recovery_s"] = result["recovery_s"]
@@ -84,7 +90,7 @@ def test_a_fixed_schedule(nemesis, endpoints, verifier, run, probe_prefix, scena
 
 
 def test_generated_fault_schedules(
-    nemesis, endpoints, verifier, run, probe_prefix, scenario_details
+    nemesis, endpoints, verifier, run, probe_prefix, scenario_details, plot_history
 ):
     """Random schedules of faults and heals; each must end with the state equal to the oracle."""
     counter = itertools.count(1)
@@ -112,6 +118,7 @@ def test_generated_fault_schedules(
             verifier=verifier,
             run=run,
             prefix=probe_prefix,
+            plot=plot_history,
         )
         tried.append(result)
         assert result["valid"], f"schedule {result['schedule']}: {result['summary']}"

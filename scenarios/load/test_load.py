@@ -38,6 +38,7 @@ UNDER_LOAD = (
 
 
 def finish(request: pytest.FixtureRequest, result: LoadResult) -> None:
+    request.getfixturevalue("plot_history")(result.history)
     if result.verdict is not None:
         request.node.stash[VERDICT_KEY] = result.verdict
     assert result.ok, result.summary()
