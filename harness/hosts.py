@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import docker
@@ -779,6 +780,7 @@ class Hosts:
         self._engines: dict[str, subprocess.Popen[bytes]] = {}
         self._formed_swarm = False  # listed hosts: the run formed the swarm, so it leaves it
         self._labelled: set[str] = set()  # listed hosts: nodes the run labelled
+        self._node_ids: dict[str, str] = {}  # host -> swarm node id
 
     # -- access -----------------------------------------------------------------------------
 
@@ -1073,7 +1075,8 @@ class Hosts:
         started = time.monotonic()
         boss = self.host(manager)
         boss_client = self.client(manager)
-        swarm = boss_client.system.info().swarm
+        states = self._swarm_states()
+        swarm = states[manager]
         if swarm.local_node_state == "active" and swarm.control_available:
             log(f"swarm already managed by {manager}")
         else:
@@ -1083,20 +1086,19 @@ class Hosts:
             )
             self._formed_swarm = True
             log(f"swarm initialised on {manager} ({boss.address})")
+            states[manager] = boss_client.system.info().swarm
         self.manager = manager
         if self._hosts[manager].local:
             self._note_manager(manager)
         members = {n.id for n in boss_client.node.list()}
         joining = [
-            h for h in self.all() if h.name != manager and self._node_id(h.name) not in members
+            h for h in self.all() if h.name != manager and states[h.name].node_id not in members
         ]
         if joining:
             token = boss_client.swarm.join_token("worker")
 
             def join(host: Host) -> None:
-                self._leave_foreign(
-                    host.name, self.client(host.name).system.info().swarm.local_node_state
-                )
+                self._leave_foreign(host.name, states[host.name].local_node_state)
                 self.client(host.name).swarm.join(
                     f"{boss.address}:{SWARM_PORT}",
                     advertise_address=host.address,
@@ -1106,23 +1108,39 @@ class Hosts:
 
             with ThreadPoolExecutor(max_workers=len(joining)) as pool:
                 list(pool.map(join, joining))
-        node_of = {h.name: self._node_id(h.name) for h in self.all()}
-        wait_until(
-            lambda: self._nodes_ready(node_of.values()),
+            states.update(self._swarm_states([h.name for h in joining]))
+        self._node_ids = {name: state.node_id or "" for name, state in states.items()}
+        name_of = {node_id: name for name, node_id in self._node_ids.items()}
+        nodes, _ = wait_until(
+            lambda: self._ready_nodes(name_of),
             timeout_s=60,
             interval_s=0.2,
             what="every host a ready swarm node",
             describe=lambda: str(self.node_states()),
         )
-        for name, node_id in node_of.items():
-            node = boss_client.node.inspect(node_id)
+        for node in nodes:
+            name = name_of[node.id]
             if (node.spec.labels or {}).get(HOST_LABEL) != name:
-                boss_client.node.update(node_id, labels_add={HOST_LABEL: name})
+                boss_client.node.update(node.id, labels_add={HOST_LABEL: name})
                 self._labelled.add(name)
         log(
-            f"swarm of {len(node_of)} nodes ({', '.join(h.name for h in joining) or 'none'} "
+            f"swarm of {len(nodes)} nodes ({', '.join(h.name for h in joining) or 'none'} "
             f"joined) ready in {time.monotonic() - started:.1f} s"
         )
+
+    def _swarm_states(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Each host's own view of its swarm membership (docker info), asked in parallel."""
+        names = list(names or self.names)
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            infos = list(pool.map(lambda n: self.client(n).system.info().swarm, names))
+        return dict(zip(names, infos, strict=True))
+
+    def _ready_nodes(self, name_of: Mapping[str, str]) -> list[Any]:
+        """The swarm's nodes of these hosts if every one is ready, else an empty list."""
+        assert self.manager is not None
+        nodes = [n for n in self.client(self.manager).node.list() if n.id in name_of]
+        ready = len(nodes) == len(name_of) and all(n.status.state == "ready" for n in nodes)
+        return nodes if ready else []
 
     def _leave_foreign(self, name: str, state: str) -> None:
         """A host made here still in an old swarm (e.g. its manager's engine was remade)
@@ -1154,14 +1172,11 @@ class Hosts:
             states[name] = f"{node.status.state}/{node.spec.availability}"
         return states
 
-    def _nodes_ready(self, node_ids: Iterable[str]) -> bool:
-        assert self.manager is not None
-        ready = {n.id for n in self.client(self.manager).node.list() if n.status.state == "ready"}
-        return all(node_id in ready for node_id in node_ids)
-
     def node_id(self, name: str) -> str:
-        """The swarm node id of a host (asked of its own engine)."""
-        return self._node_id(name)
+        """The swarm node id of a host (asked of its own engine once; a crash keeps it)."""
+        if not self._node_ids.get(name):
+            self._node_ids[name] = self._node_id(name)
+        return self._node_ids[name]
 
     # -- images -------------------------------------------------------------------------------
 
@@ -1241,29 +1256,32 @@ class Hosts:
             return
         started = time.monotonic()
         if self.hosts_file is not None:
-            self._leave_listed()
+            undone = self._leave_listed()
+            log(f"listed hosts: {undone} in {time.monotonic() - started:.1f} s")
         else:
             remove_hosts(self.run_id)
             for name in list(self._engines):
                 self.reap_engine(name)
+            log(f"hosts of {self.run_id} removed in {time.monotonic() - started:.1f} s")
         self._clients.clear()
-        log(f"hosts of {self.run_id} removed in {time.monotonic() - started:.1f} s")
 
-    def _leave_listed(self) -> None:
-        if not self._hosts:
-            return
+    def _leave_listed(self) -> str:
+        """What the run did to listed machines undone; says what that was."""
         if self._formed_swarm and self.manager:
             for host in self.all():
                 if host.name != self.manager:
                     with contextlib.suppress(DockerException):
                         self.client(host.name).swarm.leave(force=True)
             self.client(self.manager).swarm.leave(force=True)
-        elif self.manager:
+            return "the swarm the run formed left"
+        if self.manager and self._labelled:
             for name in self._labelled:
                 with contextlib.suppress(DockerException):
                     self.client(self.manager).node.update(
-                        self._node_id(name), rm_labels=[HOST_LABEL]
+                        self.node_id(name), rm_labels=[HOST_LABEL]
                     )
+            return f"labels the run added removed ({sorted(self._labelled)})"
+        return "nothing to undo"
 
     def __enter__(self) -> Hosts:
         try:
@@ -1301,3 +1319,65 @@ def _routed_networks() -> list[ipaddress.IPv4Network]:
         if record:
             networks.append(ipaddress.ip_network(record.subnet))  # type: ignore[arg-type]
     return networks
+
+
+# -- the CLI's `hosts` verb (kept hosts for trying things out) --------------------------------
+
+DEV_RUN_ID = "hosts-dev"  # the kept hosts of `python -m harness hosts up`
+
+
+def command_up(names: Sequence[str], hosts_file: Path | None = None) -> int:
+    """Kept hosts (and a swarm over them, managed by the first), left up until `hosts down`."""
+    hosts = Hosts(names, run_id=DEV_RUN_ID, keep=True, hosts_file=hosts_file)
+    hosts.up()
+    hosts.form_swarm(hosts.names[0])
+    for host in hosts.all():
+        print(f"{host.name}: {host.address}  DOCKER_HOST={host.docker_url}")
+    print(f"swarm managed by {hosts.names[0]}: {hosts.node_states()}")
+    print("remove them with: python -m harness hosts down")
+    return 0
+
+
+def command_down(hosts_file: Path | None = None) -> int:
+    """The kept hosts made here removed, and whatever killed runs left; with a hosts file,
+    every harness firewall rule on the listed machines (a killed run's host faults)."""
+    remove_hosts(DEV_RUN_ID)
+    reap_orphaned_hosts()
+    if hosts_file is not None:
+        for line in remove_listed_rules(hosts_file):
+            print(line)
+    return 0
+
+
+def command_status() -> int:
+    runs = local_runs()
+    if not runs:
+        print("no hosts made here")
+    for record, left in runs:
+        if record is None:
+            print(f"qoe-{left.short}: no record (orphaned): {sorted(left.hosts)}")
+            continue
+        owner = "kept" if record.owner_pid == 0 else f"pid {record.owner_pid}"
+        if record.owner_pid and not _alive(record.owner_pid, record.owner_started):
+            owner += " (gone: reaped by the next run)"
+        print(f"{record.run_id} ({owner}) on {record.bridge} {record.subnet}")
+        for name, address in sorted(record.addresses.items()):
+            layout = Layout(record.short, name)
+            answers = "answering" if _engine_answers(layout.url, 2) else "silent"
+            rss = engine_rss_mb(name, record.run_id)
+            print(f"  {name} {address} {layout.url} engine {answers}, {rss:.0f} MiB")
+    return 0
+
+
+def remove_listed_rules(hosts_file: Path) -> list[str]:
+    """Every firewall rule carrying the harness's comment on the machines of a hosts file."""
+    said = []
+    for host in parse_hosts_file(hosts_file.read_text(), hosts_file):
+        removed = 0
+        for table in ("raw", "filter"):
+            listing = _run(host_command(host, ["iptables", "-w", "5", "-t", table, "-S"])).stdout
+            for rule in tagged_rules(listing, table):
+                _run(host_command(host, ["iptables", "-w", "5", *rule.delete_args()]), check=False)
+                removed += 1
+        said.append(f"{host.name}: {removed} harness firewall rules removed")
+    return said
