@@ -111,7 +111,7 @@ def outcome_rows(path: Path) -> Iterator[dict[str, Any]]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as exc:
-                    if not following.strip() and not f.read(1):
+                    if not following:
                         return  # the worker died while writing its last line
                     raise ValueError(
                         f"{path}:{lineno}: expected one JSON object per line ({exc.msg}); "

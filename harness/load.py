@@ -4,10 +4,12 @@ Locust monkey-patches the standard library with gevent, so it never runs inside 
 process: ``LocustProcesses`` starts ``locust --headless`` (or a master and N workers, the same
 command lines work across machines) on scenarios/load/locustfile.py, with the ingest URLs and the
 token in its environment. Each locust worker writes an outcome file (see the locustfile);
-``read_outcomes`` merges them into a History, so the checker proves the aggregates exact after
-a load run like after any scenario. While the load runs, ``FreshnessMonitor`` sends one
-sentinel event at a time and polls ``qoe_window_aggregates`` until it is visible: the
-end-to-end freshness lag (event time -> visible). ``run_load`` ties it together, optionally with
+``read_history`` reads them in bounded memory (harness.columnar: the operations without their
+events, and the oracle), so the checker proves the aggregates exact after a load run like after
+any scenario (``read_outcomes`` is the in-memory reader, for small runs and comparisons).
+While the load runs, ``FreshnessMonitor`` sends one sentinel event at a time and polls
+``qoe_window_aggregates`` until it is visible: the end-to-end freshness lag (event time ->
+visible). ``run_load`` ties it together, optionally with
 a fault in the middle (chaos under load), and ``evaluate`` gates the measurements on an
 ``Slo``; profiles: steady, step (raise the rate until an SLO breaks), soak and chaos.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import checker
+from harness.columnar import ColumnarHistory, OutcomeSource, outcome_files, outcome_rows
 from harness.history import Event, History, Operation, Outcome, Timeline
 from harness.nemesis.registry import FAULTS
 from harness.polling import wait_until
@@ -53,6 +56,7 @@ __all__ = [
     "load_slo",
     "percentile",
     "read_locust_history",
+    "read_history",
     "read_outcomes",
     "run_load",
     "run_step",
@@ -352,39 +356,17 @@ def run_worker(
 
 
 def read_outcomes(out_dir: Path, ended_at: float | None = None) -> History:
-    """Merge every worker's outcome file into one History.
+    """Merge every worker's outcome file into one History, every event a Python object.
 
     An invocation without a completion (a worker stopped mid-request) is an unknown outcome.
-    A truncated last line is skipped: the locustfile flushes the invocation before sending,
-    so a request is never sent without its whole invocation line on disk.
+    A truncated last line is skipped (``outcome_rows``). For a whole load run use
+    ``read_history``, which holds the events in columns instead.
     """
-    for marker in sorted(Path(out_dir).glob("outcomes-*.shipped.json")):
-        shipped = json.loads(marker.read_text())
-        if not shipped["complete"]:
-            raise ValueError(
-                f"{marker.name}: the worker on {shipped['origin']} stopped shipping its outcomes "
-                "before the end of the run (it died or lost the master), so the history misses "
-                "its last batches and the run cannot be checked; its own outcome file on that "
-                "machine holds them"
-            )
-    files = sorted(Path(out_dir).glob("outcomes-*.jsonl"))
     ops: list[Operation] = []
-    for path in files:
+    for path in outcome_files(Path(out_dir)):
         invocations: dict[int, dict[str, Any]] = {}
         completions: dict[int, dict[str, Any]] = {}
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if lineno == len(lines):
-                    continue  # the worker died while writing its last line
-                raise ValueError(
-                    f"{path}:{lineno}: expected one JSON object per line ({exc.msg}); "
-                    "the outcome file is damaged, so the run cannot be checked"
-                ) from exc
+        for row in outcome_rows(path):
             if "i" in row:
                 invocations[int(row["i"])] = row
             elif "c" in row:
@@ -418,6 +400,21 @@ def read_outcomes(out_dir: Path, ended_at: float | None = None) -> History:
             )
     ops.sort(key=lambda op: op.invoked_at)
     return History(ops)
+
+
+def read_history(
+    sources: Sequence[OutcomeSource],
+    in_memory: History | None = None,
+    window_seconds: int | None = None,
+) -> tuple[History, checker.Expectation | None]:
+    """A load run's history, as ``History.merge(read_outcomes(...), in_memory)`` orders it,
+    without the events of the outcome files' batches (``Operation.events_omitted``), and,
+    given a window length, its oracle: both read in bounded memory (harness.columnar)."""
+    kept = in_memory.operations() if in_memory is not None else ()
+    with ColumnarHistory.read(sources, kept) as store:
+        history = store.headers()
+        expected = store.expectation(window_seconds) if window_seconds is not None else None
+    return history, expected
 
 
 def read_locust_history(out_dir: Path) -> list[dict[str, float]]:
@@ -673,7 +670,7 @@ def stats_of(
     ok = [op for op in ops if op.outcome is Outcome.OK]
     answered = [(op.completed_at - op.invoked_at) * 1000 for op in ops if op.status is not None]
     fresh = [s.lag_s for s in freshness if start <= s.sent_at < end]
-    acked = sum(len(op.events) for op in load if op.outcome is Outcome.OK and acked_inside(op))
+    acked = sum(op.batch_size for op in load if op.outcome is Outcome.OK and acked_inside(op))
     span = max(end - start, 1e-9)
     return LoadStats(
         start=start,
@@ -852,7 +849,7 @@ class LoadResult:
 
     @property
     def events_acknowledged(self) -> int:
-        return sum(len(op.events) for op in self.history if op.outcome is Outcome.OK)
+        return sum(op.batch_size for op in self.history if op.outcome is Outcome.OK)
 
     def events_per_cpu_s(self) -> float | None:
         """The load generator's cost: events acknowledged per CPU-second of locust."""
@@ -972,7 +969,11 @@ def run_load(
         raise RuntimeError(
             f"locust exited with {run.returncodes} (expected 0); its log: {locust.log_tail()}"
         )
-    history = History.merge(read_outcomes(out_dir, run.ended_at), monitor.history)
+    history, expected = read_history(
+        [OutcomeSource(out_dir, run.ended_at)],
+        monitor.history,
+        endpoints.window_seconds if check else None,
+    )
     if timeline is not None:
         timeline.mark(
             "workload",
@@ -994,8 +995,10 @@ def run_load(
         phases["after"] = stats_of(history, grace_end, end, fresh, freshness_missing=missing)
     probe_ids = [*spec.probe_ids(prefix), sentinel_probe]
     verdict = None
-    if check:
-        verdict = verify(endpoints, history, probe_ids, rules, convergence_timeout_s)
+    if expected is not None:
+        verdict = verify(
+            endpoints, expected, history.last_ok_at(), probe_ids, rules, convergence_timeout_s
+        )
         say(verdict.summary().splitlines()[0])
     convergence = verdict.convergence_s if verdict else None
     breaches: list[Breach] = []
@@ -1075,20 +1078,23 @@ def _inject(
 
 def verify(
     endpoints: Endpoints,
-    history: History,
+    expected: checker.Expectation,
+    last_ok_at: float | None,
     probe_ids: Sequence[str],
     rules: checker.Rules | None = None,
     timeout_s: float = 60.0,
 ) -> checker.Verdict:
-    """The exactly-once check of a load run: poll the views until they equal the oracle."""
-    return checker.check_database(
-        history,
+    """The exactly-once check of a load run: poll the views (streamed: a long run has many
+    windows) until they equal the oracle; convergence is timed from the last acknowledgement."""
+    return checker.converge_on_database(
+        expected,
+        last_ok_at or time.time(),
         endpoints.database_dsn,
         probe_ids,
-        endpoints.window_seconds,
         rules or checker.Rules(),
         timeout_s,
         interval_s=0.2,
+        read=checker.stream_observed,
     )
 
 
@@ -1168,9 +1174,13 @@ def run_step(
         held = stage
     verdict = None
     if check:
-        merged = History.merge(*(s.history for s in stages))
+        # The stages' histories hold the sentinels' events; the batches' are in their files.
+        sentinels = History([op for s in stages for op in s.history if op.events])
+        sources = [OutcomeSource(s.out_dir, s.locust.ended_at) for s in stages]
+        merged, expected = read_history(sources, sentinels, endpoints.window_seconds)
+        assert expected is not None
         probe_ids = sorted({p for s in stages for p in s.probe_ids})
-        verdict = verify(endpoints, merged, probe_ids, rules)
+        verdict = verify(endpoints, expected, merged.last_ok_at(), probe_ids, rules)
     return StepResult(
         stages=stages,
         held_rate=held.spec.rate if held else None,

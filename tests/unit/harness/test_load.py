@@ -288,3 +288,34 @@ def test_a_phase_counts_the_events_acknowledged_inside_it() -> None:
     before = stats_of(history, 2.0, 10.0)
     assert before.batches == 7  # invoked at 2..8 and answered by t=10: latency counted
     assert before.events_per_s == pytest.approx(100.0)  # answered at 2.5..9.5: 8 batches / 8 s
+
+
+def test_read_history_gives_headers_and_the_same_oracle_as_read_outcomes(tmp_path: Path) -> None:
+    from harness.checker import expectation
+    from harness.columnar import OutcomeSource
+    from harness.load import read_history
+
+    (tmp_path / "outcomes-w1.jsonl").write_text(
+        "\n".join(
+            [
+                invocation(1, 10.0, ["a", "b"]),
+                completion(1, 10.1, "ok", 202),
+                invocation(2, 11.0, ["c"]),
+                completion(2, 11.2, "unknown", 503),
+                invocation(3, 12.0, ["c"]),  # the resend, stopped before the answer
+            ]
+        )
+        + "\n"
+    )
+    sentinel = op(10.5, Outcome.OK, 1)
+    sentinels = History([sentinel])
+    full = History.merge(read_outcomes(tmp_path, ended_at=20.0), sentinels)
+    headers, expected = read_history([OutcomeSource(tmp_path, 20.0)], sentinels, 60)
+    assert [o.batch_size for o in headers] == [2, 1, 1, 1]
+    assert headers.operations()[1] is sentinel  # kept as given, events and all
+    assert [o.invoked_at for o in headers] == [o.invoked_at for o in full]
+    assert stats_of(headers, 0.0, 30.0) == stats_of(full, 0.0, 30.0)
+    in_memory = expectation(full, 60)
+    assert expected is not None and expected.choices == in_memory.choices
+    assert (expected.acked_events, expected.unknown_events) == (3, 1)
+    assert read_history([OutcomeSource(tmp_path, 20.0)])[1] is None  # no window: no oracle
