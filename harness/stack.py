@@ -257,16 +257,18 @@ def remove_resources(
     removing them too, so "already gone" and "already being removed" are not errors.
     """
     runs: set[str] = set()
-    for container in client.containers.list(all=True, filters={"label": label}):
+
+    def listed() -> list[docker.models.containers.Container]:
+        # Other runs remove their containers meanwhile: one gone between listing and
+        # inspecting is not an error (docker-py would raise NotFound).
+        return client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
+
+    for container in listed():
         if wanted(container.labels):
             runs.add(container.labels.get(RUN_LABEL, "?"))
             _quietly(lambda c=container: c.remove(force=True, v=True), container.name)
     wait_until(
-        lambda: (
-            not any(
-                wanted(c.labels) for c in client.containers.list(all=True, filters={"label": label})
-            )
-        ),
+        lambda: not any(wanted(c.labels) for c in listed()),
         timeout_s=60,
         what=f"containers labelled {label} removed",
     )
