@@ -33,6 +33,14 @@ SUITES: dict[str, list[str]] = {
     "load": ["scenarios", "-m", "load and not slow"],
     "full": ["tests", "scenarios"],
     "ci": ["tests", "scenarios", "-m", "not slow"],
+    # The swarm backend: host faults, and the scenarios that run on any backend as they are.
+    "multihost": [
+        "scenarios",
+        "-m",
+        "(multihost or e2e or dedup) and not slow",
+        "--stack",
+        "swarm",
+    ],
 }
 
 

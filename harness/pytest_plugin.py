@@ -54,6 +54,7 @@ MARKERS = {
     "slow": "long runs left out of the default CI selection",
     "meta": "seeded-bug meta-tests: the harness must fail a broken stack",
     "component": "one real service in a throwaway container (testcontainers)",
+    "multihost": "host faults on a stack spread over Docker hosts (--stack swarm)",
 }
 REUSE_PROJECT = "qoe-dev"
 
