@@ -143,6 +143,36 @@ def test_hosts_of_a_killed_harness_are_reaped_by_the_next_run(run):
         Hosts(["h1", "h2"], run_id=run_id).down()
 
 
+def test_an_interrupted_run_removes_its_hosts_on_the_way_out(run):
+    """Ctrl-C (SIGINT; the CLI and the plugin turn SIGTERM into the same) while the hosts
+    are up: the context manager's down runs, nothing is left for a reaper."""
+    run_id = f"{run.run_id}-sigint"
+    holder = textwrap.dedent(
+        f"""
+        import time
+        from harness.hosts import Hosts
+        with Hosts(["h1", "h2"], run_id={run_id!r}) as hosts:
+            hosts.form_swarm("h1")
+            print("ready", flush=True)
+            time.sleep(600)
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", holder], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        assert traces(run_id), "the check sees nothing of the hosts while they are up"
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=120)
+        assert traces(run_id) == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+        Hosts(["h1", "h2"], run_id=run_id).down()
+
+
 # -- host faults on a three-host swarm --------------------------------------------------------
 
 
