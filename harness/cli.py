@@ -187,6 +187,17 @@ def cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hosts(args: argparse.Namespace) -> int:
+    from harness import hosts
+
+    _interrupt_on(signal.SIGINT, signal.SIGTERM)
+    if args.action == "up":
+        return hosts.command_up(args.names.split(","), args.hosts)
+    if args.action == "down":
+        return hosts.command_down(args.hosts)
+    return hosts.command_status()
+
+
 def _interrupt_on(*signals: signal.Signals) -> None:
     """KeyboardInterrupt on these signals, so faults heal and stacks come down on the way out
     (also when started in the background, where SIGINT arrives ignored). Not for `run`:
@@ -324,6 +335,17 @@ def parser() -> argparse.ArgumentParser:
     fault.add_argument("--hold", type=_positive, default=10.0, help="seconds (default 10)")
     _backend_options(fault, KEPT_BACKENDS)
     _load_parser(sub)
+    hosts_cmd = sub.add_parser(
+        "hosts",
+        help="kept Docker hosts here (a namespace + dockerd each, a swarm) to try things on",
+    )
+    hosts_cmd.add_argument("action", choices=("up", "down", "status"))
+    hosts_cmd.add_argument("--names", default="h1,h2,h3", help="up: host names, comma-separated")
+    hosts_cmd.add_argument(
+        "--hosts",
+        type=Path,
+        help="a hosts file: up joins those machines; down removes every harness firewall rule on them",
+    )
     check_bench = sub.add_parser(
         "check-bench",
         help="check a synthetic load history of N events; print time and peak memory",
@@ -355,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": cmd_benchmark,
         "fault": cmd_fault,
         "check-bench": cmd_check_bench,
+        "hosts": cmd_hosts,
     }
     try:
         return handlers[args.command](args)
