@@ -68,6 +68,7 @@ class Explanation:
     suspects: tuple[Suspect, ...]  # empty when the ids could not be named
     unidentified: str  # why no ids were named ("" when they were)
     overlapping: tuple[Mark, ...]  # faults and container events during the carriers' span
+    caveat: str = ""  # on the suspects named, e.g. the search stopped before proving them
 
     def short(self) -> str:
         """One line, e.g. `+1 acknowledged event counted twice: e7 acked at 02:01:03.2 by w1
@@ -78,7 +79,7 @@ class Explanation:
             return f"{head}; events not named: {self.unidentified}{self._during()}"
         named = "; ".join(_suspect_line(s) for s in self.suspects[:3])
         more = f" and {len(self.suspects) - 3} more" if len(self.suspects) > 3 else ""
-        return f"{head}: {named}{more}{self._during()}"
+        return f"{head}: {named}{more}{self.caveat}{self._during()}"
 
     def _during(self) -> str:
         faults = [m for m in self.overlapping if m.source == "nemesis"]
@@ -119,13 +120,14 @@ def explain(
         difference = (w.observed.samples if w.observed else 0) - _expected_samples(w)
         if difference == 0:
             continue  # right count, wrong values: a payload question, not missing ids
-        suspects, why = _suspects(w, difference, index)
+        suspects, why, caveat = _suspects(w, difference, index)
         found.append(
             Explanation(
                 window=w.key.label(),
                 difference=difference,
                 suspects=suspects,
                 unidentified=why,
+                caveat=caveat,
                 overlapping=_overlapping(faults, suspects),
             )
         )
@@ -166,7 +168,10 @@ class _Index:
         )
 
 
-def _suspects(w: WindowVerdict, difference: int, index: _Index) -> tuple[tuple[Suspect, ...], str]:
+def _suspects(
+    w: WindowVerdict, difference: int, index: _Index
+) -> tuple[tuple[Suspect, ...], str, str]:
+    """The suspects, why none are named ("" when they are), and a caveat on them."""
     own = list(index.by_window.get(w.key, {}).values())
     if difference < 0:  # too few: which of the window's own events are not counted
         wanted = _sums(w.expected) - _sums(w.observed)
@@ -176,15 +181,22 @@ def _suspects(w: WindowVerdict, difference: int, index: _Index) -> tuple[tuple[S
         pool = [(e, "counted twice") for e in own] + [
             (e, f"moved in from {near.label()}") for near, e in index.neighbours(w.key)
         ]
-    fits = _subsets_summing_to([e for e, _ in pool], abs(difference), wanted)
-    if fits is None:
-        return (), f"more than {SEARCH_BUDGET:,} subsets of {len(pool)} events to try"
+    k = abs(difference)
+    fits, complete = _subsets_summing_to([e for e, _ in pool], k, wanted)
     if not fits:
-        return (), f"no {abs(difference)} of the {len(pool)} acknowledged events add up to it"
+        if not complete:
+            return (), f"more than {SEARCH_BUDGET:,} subsets of {len(pool)} events to try", ""
+        return (), f"no {k} of the {len(pool)} acknowledged events add up to it", ""
     if len(fits) > 1:
-        return (), f"more than one set of {abs(difference)} events adds up to it"
+        return (), f"more than one set of {k} events adds up to it", ""
     how = {id(e): h for e, h in pool}
-    return tuple(Suspect(e.event_id, how[id(e)], index.carried(e.event_id)) for e in fits[0]), ""
+    caveat = (
+        ""
+        if complete
+        else f" (the first set that fits: the search stopped after {SEARCH_BUDGET:,} subsets)"
+    )
+    suspects = tuple(Suspect(e.event_id, how[id(e)], index.carried(e.event_id)) for e in fits[0])
+    return suspects, "", caveat
 
 
 class _Vector(tuple[float, float, float, float]):
@@ -206,9 +218,9 @@ def _values(e: Event) -> tuple[float, float, float, float]:
 
 def _subsets_summing_to(
     events: Sequence[Event], k: int, wanted: Sequence[float]
-) -> list[list[Event]] | None:
-    """Every set of k events whose values add up to `wanted` (at most two are collected: one
-    is an answer, two is ambiguity); None when the search ran out of budget."""
+) -> tuple[list[list[Event]], bool]:
+    """Sets of k events whose values add up to `wanted` (at most two are collected: one is an
+    answer, two is ambiguity), and whether the search was complete within its budget."""
     tolerance = [1e-6 * max(1.0, abs(x)) for x in wanted]
     values = [_values(e) for e in events]
     found: list[list[Event]] = []
@@ -234,10 +246,8 @@ def _subsets_summing_to(
                 return False
         return True
 
-    complete = search(0, [], (0.0, 0.0, 0.0, 0.0))
-    if not complete and len(found) < 2:
-        return None
-    return found
+    complete = search(0, [], (0.0, 0.0, 0.0, 0.0)) or len(found) > 1
+    return found, complete
 
 
 def _expected_samples(w: WindowVerdict) -> int:

@@ -121,3 +121,11 @@ def test_a_valid_verdict_needs_no_explanation() -> None:
     sent = events(5)
     verdict, history = verdict_of(sent, sent)
     assert verdict.valid and ex.explain(verdict, history, []) == ()
+
+
+def test_a_whole_window_counted_twice_is_named_even_when_the_search_cannot_finish() -> None:
+    sent = events(40)  # 40 events over 40 s: one window, doubled by an aggregator without dedup
+    verdict, history = verdict_of(sent, [*sent, *sent])
+    (why,) = ex.explain(verdict, history, [])
+    assert why.difference == 40 and len(why.suspects) == 40
+    assert {s.how for s in why.suspects} == {"counted twice"}
