@@ -32,7 +32,7 @@ import httpx
 import psycopg
 from python_on_whales import Container, DockerClient
 
-from harness.hosts import Hosts, HostsError, reap_orphaned_hosts
+from harness.hosts import Hosts, HostsError, engine_rss_mb, reap_orphaned_hosts
 from harness.polling import DeadlineExceeded, wait_until
 from harness.stack import (
     COMPOSE_DIR,
@@ -348,8 +348,8 @@ class SwarmStack:
         self.bring_up_s = time.monotonic() - started
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases_s.items())
         log(
-            f"{self.name} healthy on {len(self.hosts_in_use())} hosts after "
-            f"{self.bring_up_s:.1f} s ({phases})"
+            f"{self.name} ready on {len(self.hosts_in_use())} hosts after "
+            f"{self.bring_up_s:.1f} s ({phases}); memory by host, MiB: {self.memory_mb()}"
         )
         return endpoints
 
@@ -634,6 +634,22 @@ class SwarmStack:
                 service = container.labels["com.docker.swarm.service.name"].removeprefix(prefix)
                 stats = container.stats(stream=False, one_shot=True)
                 used[service] = stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+        return used
+
+    def memory_mb(self) -> dict[str, float]:
+        """Memory each host uses, MiB: its containers' (less reclaimable page cache) and, for
+        a host made here, its engine's processes (dockerd, containerd, shims)."""
+        used: dict[str, float] = {}
+        for name in self.hosts_in_use():
+            engine = self._engine(name)
+            total = 0.0
+            for container in engine.containers.list():
+                memory = container.stats(stream=False, one_shot=True)["memory_stats"]
+                cache = (memory.get("stats") or {}).get("total_inactive_file", 0)
+                total += (memory.get("usage", 0) - cache) / 2**20
+            if self.hosts.host(name).local:
+                total += engine_rss_mb(name, self.run_id)
+            used[name] = round(total, 1)
         return used
 
     def logs(self, services: list[str] | None = None, tail: int = 200) -> dict[str, str]:
