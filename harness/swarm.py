@@ -300,6 +300,7 @@ class SwarmStack:
         self.state_dir = options.state_dir / self.name
         self.endpoints_file = self.state_dir / "endpoints.json"
         self.deploy_path = self.state_dir / "stack.yml"  # interpolated: holds the secrets
+        self.hosts_file = options.hosts_file
         # Per-run secrets exactly as the compose backend makes them (.run/<name>/stack.env).
         self._secrets = ComposeStack(options)
         self.env_file = self._secrets.env_file
@@ -310,7 +311,7 @@ class SwarmStack:
             host_names(self.placed),
             run_id=self.run_id,
             keep=self.keep,
-            hosts_file=options.hosts_file,
+            hosts_file=self.hosts_file,
         )
         self.bring_up_s: float | None = None
         self.phases_s: dict[str, float] = {}
@@ -490,6 +491,8 @@ class SwarmStack:
         host that answers. Hosts made here go whole right after (Hosts.down: engines, data
         dirs, namespaces), with the stack on them: for those this is skipped (it took 23 s of
         graceful stops)."""
+        if self.hosts_file is not None and not self.hosts.all():
+            self.hosts.up()  # listed machines (`harness down` in a new process): reach them
         try:
             hosts = [self.hosts.host(name) for name in self.hosts_in_use()]
             manager = self.hosts.client(MANAGER)
