@@ -282,8 +282,8 @@ class Expectation:
     """What the views must show for one history: fixed events per window and open choices.
 
     ``aggregated``: windows whose fixed events are given only as their exact aggregate (a large
-    history read by harness.columnar); no choice can land in them, and they are in no other
-    field. ``expectation()`` leaves it empty.
+    history read by harness.columnar), not in ``definite``; the check needs no more of them.
+    ``expectation()`` leaves it empty.
     """
 
     window_seconds: int
@@ -294,6 +294,9 @@ class Expectation:
     conflicting_events: int  # ids sent with more than one payload (ok or unknown)
     probe_ids: frozenset[str]
     aggregated: Mapping[WindowKey, Aggregate] = field(default_factory=dict)
+    _fixed: dict[WindowKey, Aggregate | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def windows(self) -> set[WindowKey]:
         """Every window that may hold an event of this history."""
@@ -302,10 +305,14 @@ class Expectation:
             keys.update(key_of(v, self.window_seconds) for v in c.variants)
         return keys
 
-    def fixed_aggregate(self, key: WindowKey) -> Aggregate:
-        """The exact aggregate of a window's fixed events (the window must have some)."""
-        given = self.aggregated.get(key)
-        return given if given is not None else aggregate(self.definite[key])
+    def fixed(self, key: WindowKey) -> Aggregate | None:
+        """The exact aggregate of a window's fixed events, None when it has none (remembered:
+        every poll asks again)."""
+        if key not in self._fixed:
+            given = self.aggregated.get(key)
+            events = self.definite.get(key)
+            self._fixed[key] = given if given is not None or not events else aggregate(events)
+        return self._fixed[key]
 
 
 def expectation(
@@ -569,12 +576,15 @@ def _add(state: _State, e: Event) -> _State:
     )
 
 
-def _state_of(events: Iterable[Event]) -> _State:
-    # fsum for the starting point: the definite events are summed exactly.
-    evs = list(events)
-    if not evs:
+def _present(agg: Aggregate | None) -> Aggregate:
+    assert agg is not None, "a window without a choice has fixed events"
+    return agg
+
+
+def _state_of(a: Aggregate | None) -> _State:
+    # The starting point: the fixed events, summed exactly.
+    if a is None:
         return _EMPTY
-    a = aggregate(evs)
     return (
         a.samples,
         a.rtt_sum,
@@ -657,11 +667,6 @@ def _components(exp: Expectation) -> tuple[list[_Component], set[WindowKey]]:
         comp = groups.setdefault(find(keys[0]), _Component([], []))
         comp.choices.append(c)
     touched = {k for keys in choice_keys for k in keys}
-    if not touched.isdisjoint(exp.aggregated):
-        raise ValueError(
-            "a choice lands in a window given only as an aggregate; the search needs that "
-            "window's events (harness.columnar must materialise every window a choice touches)"
-        )
     for k in sorted(touched):
         groups[find(k)].windows.append(k)
     return list(groups.values()), set(parent) - touched
@@ -739,7 +744,7 @@ def _search(
         for p, i in enumerate(ids):
             after[i][w] = p + 1
     last = [ids[-1] if ids else -1 for ids in touching]
-    state = [_state_of(exp.definite.get(k, ())) for k in comp.windows]
+    state = [_state_of(exp.fixed(k)) for k in comp.windows]
     tol = [
         [
             sum_tolerance(max(obs[w][0], state[w][0] + suffix_count[w][0]), obs[w][1 + f])
@@ -809,13 +814,14 @@ def _search(
 
 def _bounds_problems(
     key: WindowKey,
-    definite: Sequence[Event],
+    fixed: Aggregate | None,
     candidates: Sequence[tuple[Choice, list[Event]]],
     observed: Aggregate | None,
 ) -> tuple[list[str], tuple[int, int]]:
     """Necessary conditions for one window when the exact choice is not searched."""
-    lo = len(definite) + sum(1 for c, vs in candidates if c.required and len(vs) == len(c.variants))
-    hi = len(definite) + len(candidates)
+    count = fixed.samples if fixed is not None else 0
+    lo = count + sum(1 for c, vs in candidates if c.required and len(vs) == len(c.variants))
+    hi = count + len(candidates)
     if observed is None:
         if lo > 0:
             return [f"window missing: expected at least {lo} samples, observed none"], (lo, hi)
@@ -830,7 +836,7 @@ def _bounds_problems(
     for f, src in zip(
         SUM_FIELDS, ("rtt_ms", "jitter_ms", "loss_pct", "throughput_kbps"), strict=True
     ):
-        base = math.fsum(getattr(e, src) for e in definite)
+        base = getattr(fixed, f) if fixed is not None else 0.0
         low = base + math.fsum(
             min(getattr(v, src) for v in vs)
             for c, vs in candidates
@@ -843,12 +849,14 @@ def _bounds_problems(
             problems.append(f"{f} expected {_num(low)}..{_num(high)} observed {_num(o)}")
     for f in (*MAX_FIELDS, *MIN_FIELDS):
         src = _SOURCE[f]
-        fixed = [getattr(e, src) for e in definite]
-        possible = set(fixed) | {getattr(v, src) for _, vs in candidates for v in vs}
+        possible = {getattr(v, src) for _, vs in candidates for v in vs}
         o = getattr(observed, f)
         is_max = f in MAX_FIELDS
-        beyond = fixed and (o < max(fixed) if is_max else o > min(fixed))
-        if beyond or o not in possible:
+        # The fixed events' extreme bounds the row; past it, only that extreme itself or a
+        # candidate's value can be the row's (every other fixed value is on the near side).
+        extreme = getattr(fixed, f) if fixed is not None else None
+        beyond = extreme is not None and (o < extreme if is_max else o > extreme)
+        if beyond or not (o == extreme or o in possible):
             problems.append(f"{f} observed {_num(o)} is no value any counted event can give")
     return problems, (lo, hi)
 
@@ -886,7 +894,7 @@ def _component_problem(
     candidates: Mapping[WindowKey, Sequence[tuple[Choice, list[Event]]]],
 ) -> str:
     """Why a group of coupled windows has no matching choice, when no single window shows it."""
-    definite = sum(len(exp.definite.get(k, ())) for k in comp.windows)
+    definite = sum(a.samples for k in comp.windows if (a := exp.fixed(k)) is not None)
     required = sum(c.required for c in comp.choices)
     lo, hi = definite + required, definite + len(comp.choices)
     seen = sum(observed[k].samples for k in comp.windows if k in observed)
@@ -925,15 +933,15 @@ def _check_component(
     component_problem = _component_problem(comp, exp, observed, candidates)
     verdicts: list[WindowVerdict] = []
     for k in comp.windows:
-        definite = exp.definite.get(k, ())
+        fixed = exp.fixed(k)
         obs = observed.get(k)
         diag = observed_diag.get(k, {})
-        problems, span = _bounds_problems(k, definite, candidates[k], obs)
+        problems, span = _bounds_problems(k, fixed, candidates[k], obs)
         if found is not None:
             problems = []  # the search reproduced every window of the component exactly
             expected = _aggregate_of_state(found[k])
         else:
-            expected = aggregate(definite) if definite else None
+            expected = fixed
         if mode == "choice" and found is None and not problems:
             problems.append(component_problem)
         if not problems and obs is not None:
@@ -1001,7 +1009,7 @@ def check(
     verdicts: list[WindowVerdict] = [
         _check_exact(
             k,
-            exp.fixed_aggregate(k),
+            _present(exp.fixed(k)),
             observed_aggregates.get(k),
             observed_diagnoses.get(k, {}),
             rules,

@@ -15,11 +15,10 @@ rules there, in two parts that together give the same Expectation:
   timestamp forms, odd values) has all its attempts rebuilt as Operations, in the history's
   order, and handed to ``checker.expectation``: a load run has few.
 
-The windows a choice can land in get all their fixed events as Event objects, so ``check``
-searches them exactly as before; every other window is compared through its exact aggregate
-(``Expectation.aggregated``). Headers of the operations (no events, only their count) serve
-the load statistics. The in-memory reader (``harness.load.read_outcomes``) stays the
-reference: tests/unit/harness/test_columnar.py runs both on the same files.
+Every window's fixed events end up as one exact aggregate (``Expectation.aggregated``): that is
+all ``check`` needs of them, the choice search included. Headers of the operations (no events,
+only their count) serve the load statistics. The in-memory reader (harness.load.read_outcomes)
+stays the reference: tests/unit/harness/test_columnar.py runs both on the same files.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from typing import Any
 import duckdb
 
 from harness import checker
-from harness.checker import EPOCH, Aggregate, Expectation, WindowKey
+from harness.checker import EPOCH, Aggregate, Expectation, WindowKey, aggregate
 from harness.history import Event, History, Operation, Outcome
 
 __all__ = [
@@ -205,6 +204,7 @@ class ColumnarHistory:
             config["threads"] = threads
         try:
             self.db = duckdb.connect(":memory:", config=config)
+            self.db.execute("SET enable_progress_bar = false")
             self.db.execute(_SCHEMA)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -400,31 +400,24 @@ class ColumnarHistory:
                 f"window length must be a positive number of seconds, got {window_seconds}"
             )
         scales = self._sort_ids()
-        ops, first_seen = self._python_operations()
-        partial = checker.expectation(ops, window_seconds, realtime=realtime)
-        coupled = {checker.key_of(v, window_seconds) for c in partial.choices for v in c.variants}
+        partial = checker.expectation(self._python_operations(), window_seconds, realtime=realtime)
         sums, plain_events = self._plain_windows(window_seconds, scales)
-        fixed_events = self._plain_events_in(coupled, window_seconds)
-        definite: dict[WindowKey, tuple[Event, ...]] = {}
-        aggregated: dict[WindowKey, Aggregate] = {}
-        for key in coupled | set(partial.definite):
-            if key not in coupled and key in sums:
-                continue  # folded into the window's aggregate below
-            mine = [(first_seen[e.event_id], e) for e in partial.definite.get(key, ())]
-            merged = sorted(fixed_events.get(key, []) + mine, key=lambda pair: pair[0])
-            if merged:
-                definite[key] = tuple(e for _, e in merged)
+        aggregated = {
+            key: sums[key].with_events(events) if key in sums else aggregate(events)
+            for key, events in partial.definite.items()
+        }
         for key, window in sums.items():
-            if key not in coupled:
-                aggregated[key] = window.with_events(partial.definite.get(key, ()))
+            if key not in aggregated:
+                aggregated[key] = window.with_events(())
         return Expectation(
             window_seconds=window_seconds,
-            definite=definite,
+            definite={},
             choices=partial.choices,
             acked_events=plain_events + partial.acked_events,
             unknown_events=partial.unknown_events,
             conflicting_events=partial.conflicting_events,
-            probe_ids=frozenset(self._probe_ids()) | partial.probe_ids,
+            # Every event not failed is plain (a window's) or Python's (partial's).
+            probe_ids=frozenset(k.probe_id for k in sums) | partial.probe_ids,
             aggregated=aggregated,
         )
 
@@ -456,19 +449,21 @@ class ColumnarHistory:
             for v, s in zip(_VALUES, scales, strict=True)
         )
         self.db.execute(
+            # Ids sent more than once (in any outcome), or with an odd payload; and every id of
+            # a batch not plainly acknowledged. Failed attempts need no care: Python skips them.
             f"""CREATE TEMP TABLE python_ids AS
-            SELECT e.h FROM ev e JOIN ops o ON o.fid = e.fid AND o.i = e.i
-            WHERE o.outcome <> 'fail'
-            GROUP BY e.h
-            HAVING count(*) > 1 OR bool_or(o.outcome <> 'ok') OR bool_or(o.invoked > o.completed)
-                OR bool_or(e.odd OR {outside})"""
+            SELECT h FROM ev e GROUP BY h HAVING count(*) > 1 OR bool_or(e.odd OR {outside})
+            UNION
+            SELECT e.h FROM ev e SEMI JOIN (
+                SELECT fid, i FROM ops WHERE outcome <> 'ok' OR invoked > completed
+            ) o ON o.fid = e.fid AND o.i = e.i"""
         )
         self._scales = scales
         return scales
 
-    def _python_operations(self) -> tuple[list[Operation], dict[str, tuple[int, int]]]:
+    def _python_operations(self) -> list[Operation]:
         """Every non-failed attempt at the ids Python handles, as operations in history order
-        holding just those events; and where each id was first sent, (operation, position)."""
+        holding just those events."""
         rows = self.db.execute(
             f"""SELECT o.op, e.pos, o.process, o.endpoint, o.invoked, o.completed, o.outcome,
                 o.status, o.error, e.fid, e.i, e.event_id, e.probe_id, e.target, e.us, e.ts,
@@ -479,13 +474,10 @@ class ColumnarHistory:
             ORDER BY o.op, e.pos"""
         ).fetchall()
         ops: list[Operation] = []
-        first_seen: dict[str, tuple[int, int]] = {}
         batch: list[Event] = []
         for n, row in enumerate(rows):
-            op, pos, process, endpoint, invoked, completed, outcome, status, error = row[:9]
-            event = self._event(row[9:])
-            first_seen.setdefault(event.event_id, (op, pos))
-            batch.append(event)
+            op, _, process, endpoint, invoked, completed, outcome, status, error = row[:9]
+            batch.append(self._event(row[9:]))
             if n + 1 == len(rows) or rows[n + 1][0] != op:
                 ops.append(
                     Operation(
@@ -500,7 +492,7 @@ class ColumnarHistory:
                     )
                 )
                 batch = []
-        return ops, first_seen
+        return ops
 
     def _event(self, row: Sequence[Any]) -> Event:
         fid, i, event_id, probe_id, target, us, ts, *values = row
@@ -540,8 +532,6 @@ class ColumnarHistory:
                 count(*), min(e.rtt_ms), max(e.rtt_ms), max(e.jitter_ms), max(e.loss_pct),
                 min(e.throughput_kbps), {sums}
             FROM ev e ANTI JOIN python_ids p ON p.h = e.h
-            JOIN ops o ON o.fid = e.fid AND o.i = e.i
-            WHERE o.outcome <> 'fail'
             GROUP BY ALL"""
         ).fetchall()
         windows: dict[WindowKey, _WindowSums] = {}
@@ -574,46 +564,6 @@ class ColumnarHistory:
             )
             total += n
         return windows, total
-
-    def _plain_events_in(
-        self, windows: set[WindowKey], window_seconds: int
-    ) -> dict[WindowKey, list[tuple[tuple[int, int], Event]]]:
-        """The fixed events DuckDB holds in these windows, each with where it was sent."""
-        out: dict[WindowKey, list[tuple[tuple[int, int], Event]]] = {}
-        if not windows:
-            return out
-        width = window_seconds * 1_000_000
-        self.db.execute(
-            "CREATE OR REPLACE TEMP TABLE wanted (probe_id VARCHAR, target VARCHAR, start BIGINT)"
-        )
-        self.db.executemany(
-            "INSERT INTO wanted VALUES (?, ?, ?)",
-            [
-                (k.probe_id, k.target, (k.window_start - EPOCH) // timedelta(microseconds=1))
-                for k in windows
-            ],
-        )
-        rows = self.db.execute(
-            f"""SELECT o.op, e.pos, e.fid, e.i, e.event_id, e.probe_id, e.target, e.us, e.ts,
-                {", ".join(f"e.{v}" for v in _VALUES)}
-            FROM ev e ANTI JOIN python_ids p ON p.h = e.h
-            JOIN ops o ON o.fid = e.fid AND o.i = e.i
-            JOIN wanted w ON w.probe_id = e.probe_id AND w.target = e.target
-                AND w.start = e.us - ((e.us % {width}) + {width}) % {width}
-            WHERE o.outcome <> 'fail'
-            ORDER BY o.op, e.pos"""
-        ).fetchall()
-        for op, pos, *event_row in rows:
-            event = self._event(event_row)
-            out.setdefault(checker.key_of(event, window_seconds), []).append(((op, pos), event))
-        return out
-
-    def _probe_ids(self) -> set[str]:
-        rows = self.db.execute(
-            """SELECT DISTINCT e.probe_id FROM ev e JOIN ops o ON o.fid = e.fid AND o.i = e.i
-            WHERE o.outcome <> 'fail' AND e.probe_id IS NOT NULL"""
-        ).fetchall()
-        return {probe for (probe,) in rows}
 
 
 @dataclass(frozen=True)
