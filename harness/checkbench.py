@@ -445,6 +445,22 @@ def measure(
 # --- the command ------------------------------------------------------------------------------
 
 
+def _record(spec: BenchSpec, made: Generated) -> dict[str, Any]:
+    return {"spec": asdict(spec), "generated": asdict(made) | {"folder": str(made.folder)}}
+
+
+def _kept(spec: BenchSpec, folder: Path) -> Generated | None:
+    """The history a previous run with ``--keep`` left in ``folder`` for this same spec."""
+    try:
+        record = json.loads((folder / "generated.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("spec") != asdict(spec) or not (folder / "observed.pickle").exists():
+        return None
+    made = record["generated"]
+    return Generated(**(made | {"folder": folder, "seeded": tuple(made["seeded"])}))
+
+
 def main(
     spec: BenchSpec,
     *,
@@ -457,8 +473,13 @@ def main(
     seeded errors imply (valid with none, invalid with some), 1 otherwise."""
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="qoe-check-bench-"))
     try:
-        say(f"check-bench: generating {spec.events:,} events into {folder}")
-        made = generate(spec, folder)
+        made = _kept(spec, folder) if keep else None
+        if made is None:
+            say(f"check-bench: generating {spec.events:,} events into {folder}")
+            made = generate(spec, folder)
+            (folder / "generated.json").write_text(json.dumps(_record(spec, made)))
+        else:
+            say(f"check-bench: {folder} holds this history already (generated.json)")
         say(
             f"generated {made.batches:,} batches ({made.events:,} events, {made.files} outcome "
             f"files, {made.bytes / 1e9:.2f} GB) showing {made.windows:,} windows in "
