@@ -1,7 +1,16 @@
-"""End to end: events sent through ingest end up in the aggregates and diagnoses the oracle predicts."""
+"""End to end: events sent through ingest end up in the aggregates and diagnoses the oracle predicts.
+
+Besides the probe-shaped workload (which already writes timestamps in every form and carries
+maximum-length ids and unicode targets), three scenarios send one edge of the contract each:
+every RFC 3339 form on and beside a window boundary, windows exactly on and one float step
+beside each diagnosis threshold, and timestamps one step inside both time bounds. Each
+returns what it found, so the seeded-bug meta-tests run the same scenario and require it to
+fail.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -9,7 +18,7 @@ import pytest
 
 from harness import ledger
 from harness.history import Event, Outcome
-from harness.workload import EventGenerator, IngestClient
+from harness.workload import CLOCK_STEP_S, EventGenerator, IngestClient
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +56,62 @@ def test_boundary_and_late_events(client, generator: EventGenerator, verifier, h
     template = generator.batch(len(stamps), profile="mixed")
     batch = [replace(e, ts=ts) for e, ts in zip(template, stamps, strict=True)]
     send_all(client, [batch, generator.batch(100)])
+    verifier.verify(history, list(generator.probes))
+
+
+def send_every_timestamp_form(client: IngestClient, generator: EventGenerator) -> list[str]:
+    """A batch per RFC 3339 form (on, and a microsecond either side of, a window boundary);
+    the batches ingest rejected."""
+    rejected = []
+    for batch in generator.form_batches():
+        op = client.send(batch)
+        if op.outcome is Outcome.FAIL:
+            rejected.append(f"{batch[0].to_wire()['ts']}: {op.error or op.status}")
+    client.settle(deadline_s=60)
+    return rejected
+
+
+def test_timestamps_in_every_rfc3339_form(client, generator: EventGenerator, verifier, history):
+    rejected = send_every_timestamp_form(client, generator)
+    assert not rejected, "valid timestamps rejected:\n" + "\n".join(rejected)
+    verifier.verify(history, list(generator.probes))
+
+
+def test_windows_on_the_diagnosis_thresholds(client, generator: EventGenerator, verifier, history):
+    """Windows whose averages are exactly on each diagnosis threshold and one float step
+    either side (the oracle judges the rules exactly, CONTRACT.md > and <)."""
+    send_all(client, [generator.threshold_batch()])
+    verdict = verifier.verify(history, list(generator.probes))
+    on = [w for w in verdict.windows if " on #" in w.key.target]
+    assert len(on) == 4 and all(not w.observed_diagnoses for w in on), on
+
+
+def inside_the_time_bounds(client: IngestClient, generator: EventGenerator) -> float:
+    """Send events one step inside now - 24 h and now + 5 min (every form) until a round trip
+    is short enough to decide (under CLOCK_STEP_S); returns that round trip. A rejected
+    batch fails the scenario."""
+    trips = []
+    for _ in range(5):
+        started = time.time()
+        op = client.send(generator.time_bound_batch())
+        trip = op.completed_at - started
+        if trip >= CLOCK_STEP_S:
+            trips.append(trip)  # ingest's clock may have passed the step: cannot judge
+            continue
+        assert op.outcome is Outcome.OK, (
+            f"events one step ({CLOCK_STEP_S} s) inside the time bounds rejected: "
+            f"HTTP {op.status} {op.error}"
+        )
+        return trip
+    raise AssertionError(
+        f"every round trip took {CLOCK_STEP_S} s or more ({trips}): the time bounds cannot be "
+        "judged one step from the bound on a machine this busy"
+    )
+
+
+def test_timestamps_one_step_inside_the_time_bounds(client, generator, verifier, history):
+    inside_the_time_bounds(client, generator)
+    client.settle(deadline_s=30)
     verifier.verify(history, list(generator.probes))
 
 

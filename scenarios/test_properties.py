@@ -1,6 +1,8 @@
 """Property tests against the live stack: generated batches (duplicates inside and across
-batches, ids reused with other payloads, boundary and out-of-order timestamps) must always
-leave the aggregates and diagnoses the oracle predicts.
+batches, ids reused with other payloads, boundary and out-of-order timestamps in any RFC 3339
+form, maximum-length ids, unicode targets, values at their bounds, windows on and one float
+step beside each diagnosis threshold) must always leave the aggregates and diagnoses the
+oracle predicts.
 
 The example budget comes from the hypothesis profile: `live` (the default, with or without
 CI=true) is small, `--hypothesis-profile thorough` runs many more.
@@ -15,7 +17,7 @@ import pytest
 from hypothesis import given
 
 from harness.history import Event, History, Outcome
-from harness.workload import IngestClient, batches
+from harness.workload import MAX_EVENT_ID, MAX_PROBE_ID, IngestClient, batches, prefixed
 
 pytestmark = pytest.mark.e2e
 _examples = itertools.count()
@@ -23,10 +25,14 @@ _examples = itertools.count()
 
 def isolate(batch_list: list[list[Event]], prefix: str) -> list[list[Event]]:
     """Ids and probe ids unique to one example: the stack remembers ids for 48 h and the
-    checker reads only this example's probes."""
+    checker reads only this example's probes. Maximum-length ones stay maximum-length."""
     return [
         [
-            replace(e, event_id=f"{prefix}.{e.event_id}", probe_id=f"{prefix}-{e.probe_id}")
+            replace(
+                e,
+                event_id=prefixed(f"{prefix}.", e.event_id, MAX_EVENT_ID),
+                probe_id=prefixed(f"{prefix}-", e.probe_id, MAX_PROBE_ID),
+            )
             for e in b
         ]
         for b in batch_list

@@ -7,6 +7,7 @@ names the wrong windows. The stack is restored to its defaults afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -18,8 +19,10 @@ from harness.metrics import metric
 from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
 from harness.stack import Endpoints, StackSettings
-from harness.workload import EventGenerator, IngestClient
+from harness.workload import THRESHOLD_FIELDS, EventGenerator, IngestClient
+from scenarios.test_bad_input import send_bad_input_at_the_bounds
 from scenarios.test_dedup import resend_after_a_cut_off_answer
+from scenarios.test_e2e import send_every_timestamp_form
 from scenarios.test_partitions import ingest_nats_partition
 
 pytestmark = pytest.mark.meta
@@ -132,6 +135,133 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
     status = ledger.stop_and_drain(probes, timeout_s=20)
     ledger.start(probes)
     assert ledger.undelivered(status), f"the probes' ledgers show nothing lost: {status}"
+
+
+def verdict_showing(
+    signature: Callable[[checker.Verdict], bool],
+    what: str,
+    verifier,
+    history: History,
+    generator: EventGenerator,
+    timeout_s: float = 60,
+) -> checker.Verdict:
+    """The verdict once it shows the bug's own signature. Until the aggregators and the
+    diagnoser have caught up (slow on a busy machine) it is wrong for other reasons too, so
+    it is polled until it is wrong in exactly the way the bug predicts."""
+    probes = list(generator.probes)
+    seen: list[checker.Verdict] = []
+
+    def shows() -> bool:
+        # One reading each, not recorded: polling must not flood the run's timeline.
+        seen[:] = [
+            checker.check_database(
+                history,
+                verifier.endpoints.database_dsn,
+                probes,
+                verifier.endpoints.window_seconds,
+                verifier.rules,
+                timeout_s=0,
+            )
+        ]
+        return signature(seen[0])
+
+    wait_until(
+        shows,
+        timeout_s=timeout_s,
+        interval_s=0.5,
+        what=what,
+        describe=lambda: seen[0].summary() if seen else "no verdict read",
+    )
+    verdict = verifier.observe(history, probes, timeout_s=0)  # recorded for the report
+    assert signature(verdict), verdict.summary()
+    return verdict
+
+
+def wrong_targets(verdict: checker.Verdict) -> set[str]:
+    return {w.key.target for w in verdict.wrong()}
+
+
+@bug("ingest_offset_sign_ignored")
+def test_ingest_ignoring_the_offset_sign_fails_the_timestamp_form_scenario(
+    reconfigured_stack, client: IngestClient, generator, verifier, history
+):
+    """-hh:mm read as +hh:mm puts an event 2 x hh:mm early: a window missing where the event
+    belongs and one nothing explains where it landed; -23:59 lands past the 24 h bound."""
+    rejected = send_every_timestamp_form(client, generator)
+    assert any("-23:59: HTTP 422" in r for r in rejected), rejected
+    negative = {
+        f"form {i} #1" for i, form in enumerate(generator.forms) if -1439 < form.offset_minutes < 0
+    }
+
+    def shifted(verdict: checker.Verdict) -> bool:
+        problems = " ".join(w.problem for w in verdict.wrong())
+        return wrong_targets(verdict) == negative and all(
+            p in problems for p in ("window missing", "unexpected window")
+        )
+
+    verdict = verdict_showing(
+        shifted,
+        f"the windows of the negative-offset forms ({sorted(negative)}), and only those, moved",
+        verifier,
+        history,
+        generator,
+    )
+    assert_caught(verdict, generator)
+
+
+@bug("diagnoser_threshold_inclusive")
+def test_diagnoser_comparing_with_or_equal_fails_the_threshold_scenario(
+    reconfigured_stack, client: IngestClient, generator, verifier, history
+):
+    """>= and <= diagnose exactly the four windows whose average is on a threshold."""
+    assert client.send(generator.threshold_batch()).outcome is Outcome.OK
+    on_a_threshold = {f"{kind} on #1" for kind in THRESHOLD_FIELDS}
+
+    def diagnosed_on_the_threshold(verdict: checker.Verdict) -> bool:
+        return wrong_targets(verdict) == on_a_threshold and all(
+            "unexpected diagnosis" in w.problem and "is not" in w.problem for w in verdict.wrong()
+        )
+
+    verdict = verdict_showing(
+        diagnosed_on_the_threshold,
+        f"diagnoses in exactly the windows {sorted(on_a_threshold)}",
+        verifier,
+        history,
+        generator,
+    )
+    assert_caught(verdict, generator)
+
+
+@bug("ingest_ts_bounds_in_whole_minutes")
+def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
+    reconfigured_stack, endpoints, client: IngestClient, generator, verifier, history
+):
+    """Both time bounds a minute loose: the two cases one step past them are answered 202,
+    and the one sent unrecorded (before now - 24 h) shows as a window nothing explains."""
+    started = datetime.now(UTC)
+    failures = send_bad_input_at_the_bounds(client, generator, endpoints.ingest_token)
+    text = "\n".join(failures)
+    assert len(failures) == 2, text
+    assert failures[0].startswith("ts one step before now - 24 h: expected 422"), text
+    assert failures[1].startswith("ts one step after now + 5 min: expected 422"), text
+    day_ago = started - timedelta(hours=24)
+
+    def published_a_day_ago(verdict: checker.Verdict) -> bool:
+        return any(
+            w.expected is None
+            and w.observed is not None
+            and abs(w.key.window_start - day_ago) < timedelta(minutes=3)
+            for w in verdict.wrong()
+        )
+
+    verdict = verdict_showing(
+        published_a_day_ago,
+        "a window nothing explains, a day old (the event the bug let through)",
+        verifier,
+        history,
+        generator,
+    )
+    assert "unexpected window" in assert_caught(verdict, generator)
 
 
 @pytest.mark.failover
