@@ -29,6 +29,7 @@ from harness.checker import (
     expectation,
     key_of,
     read_observed,
+    stream_observed,
     sum_tolerance,
     window_start,
 )
@@ -607,3 +608,76 @@ def test_definite_events_are_expected_once_however_often_acked(
     exp = expectation(History(ops), W)
     assert exp.choices == ()
     assert sorted(e.event_id for evs in exp.definite.values() for e in evs) == sorted(first)
+
+
+class FakeServerCursor:
+    """A psycopg server-side cursor: rows handed over as the caller iterates."""
+
+    def __init__(self, name: str, results: dict[str, list[tuple]]) -> None:
+        self.name, self.results, self.itersize = name, results, 100
+        self.rows: list[tuple] = []
+
+    def __enter__(self) -> FakeServerCursor:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        pass
+
+    def execute(self, sql: str, params: tuple) -> None:
+        assert params == (["p1", "p2"],)
+        self.rows = self.results["aggregates" if "qoe_window_aggregates" in sql else "diagnoses"]
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+class FakeServerConn(FakeConn):
+    def __init__(self, results: dict[str, list[tuple]]) -> None:
+        self.results = results
+        self.names: list[tuple[str, int]] = []
+
+    def cursor(self, name: str = "") -> FakeServerCursor:  # type: ignore[override]
+        assert name, "stream_observed must ask for a server-side (named) cursor"
+        cur = FakeServerCursor(name, self.results)
+        self.names.append((name, cur.itersize))
+        return cur
+
+
+def test_stream_observed_reads_what_read_observed_reads() -> None:
+    cest = __import__("datetime").timezone(timedelta(hours=2))
+    values = (20.0, 9.0, 11.0, 2.0, 1.0, 0.0, 0.0, 1e4, 5e3)
+    rows = {
+        "aggregates": [
+            ("p1", "t1", (T0 + timedelta(minutes=m)).astimezone(cest), 60, 2, *values)
+            for m in range(50)
+        ],
+        "diagnoses": [("p1", "t1", T0.astimezone(cest), "high_latency", 160.0, 150.0)],
+    }
+    streamed = stream_observed(FakeServerConn(rows), ["p2", "p1"], rows_per_fetch=7)
+    fetched = read_observed(
+        FakeConn(FakeCursor([rows["aggregates"], rows["diagnoses"]])), ["p1", "p2"]
+    )
+    assert streamed == fetched and len(streamed.aggregates) == 50
+    keys = list(streamed.aggregates)
+    assert keys[0].probe_id is keys[1].probe_id  # one string for the probe's many windows
+
+
+def test_a_window_given_as_its_aggregate_checks_like_its_events() -> None:
+    unknown = [ev(f"u{i}", sec=i, rtt=10.0 + i) for i in range(6)]
+    evs = [ev(f"e{i}", sec=i * 7.5, rtt=10.0 + i) for i in range(24)]
+    ops = [op(Outcome.OK, *evs), op(Outcome.UNKNOWN, *unknown)]
+    exp = expectation(History(ops), W)
+    folded = replace(
+        exp, definite={}, aggregated={k: aggregate(v) for k, v in exp.definite.items()}
+    )
+    for stored in (
+        evs,
+        [*evs, *unknown[:3]],
+        evs[1:],
+        [*evs, evs[0]],
+        [*evs, *unknown, unknown[0]],
+    ):
+        obs = observe(stored)
+        for budget in (3, 20_000):  # the bounds and the search both work from the aggregate
+            want = check(exp, obs.aggregates, obs.diagnoses, RULES, budget=budget)
+            assert check(folded, obs.aggregates, obs.diagnoses, RULES, budget=budget) == want
