@@ -634,12 +634,12 @@ class FakeServerCursor:
 class FakeServerConn(FakeConn):
     def __init__(self, results: dict[str, list[tuple]]) -> None:
         self.results = results
-        self.names: list[tuple[str, int]] = []
+        self.cursors: list[FakeServerCursor] = []
 
     def cursor(self, name: str = "") -> FakeServerCursor:  # type: ignore[override]
         assert name, "stream_observed must ask for a server-side (named) cursor"
         cur = FakeServerCursor(name, self.results)
-        self.names.append((name, cur.itersize))
+        self.cursors.append(cur)
         return cur
 
 
@@ -653,7 +653,9 @@ def test_stream_observed_reads_what_read_observed_reads() -> None:
         ],
         "diagnoses": [("p1", "t1", T0.astimezone(cest), "high_latency", 160.0, 150.0)],
     }
-    streamed = stream_observed(FakeServerConn(rows), ["p2", "p1"], rows_per_fetch=7)
+    conn = FakeServerConn(rows)
+    streamed = stream_observed(conn, ["p2", "p1"], rows_per_fetch=7)
+    assert [c.itersize for c in conn.cursors] == [7, 7]
     fetched = read_observed(
         FakeConn(FakeCursor([rows["aggregates"], rows["diagnoses"]])), ["p1", "p2"]
     )
