@@ -338,7 +338,7 @@ class SwarmStack:
                 self.hosts.load_images(images_by_host(self.placed))
             with self._phase("deploy"):
                 env = self._deploy()
-            with self._phase("healthy"):
+            with self._phase("ready"):
                 self.wait_ready(list(self.placed))
             endpoints = self._endpoints(env)
             endpoints.save(self.endpoints_file)
@@ -363,6 +363,10 @@ class SwarmStack:
         """New settings on the running stack: redeployed; the swarm updates the services whose
         definition changed (stop first), and those are awaited healthy in a new task."""
         self.settings = self._secrets.settings = settings
+        # What is deployed now: this process's last deploy, or the file a kept stack was
+        # deployed from (a new process reconfiguring it).
+        if not self._deployed and self.deploy_path.exists():
+            self._deployed = json.loads(self.deploy_path.read_text())
         before = self._deployed
         replaced = {s: self.task_state(s).container_id for s in self.placed}
         started = time.monotonic()
