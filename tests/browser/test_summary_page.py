@@ -46,11 +46,13 @@ def test_the_failure_is_the_first_thing_on_the_page(summary_page: Page, run) -> 
 
 
 def test_every_fault_picture_has_data_and_a_band_for_each_fault(summary_page: Page) -> None:
-    pictures = summary_page.locator("#scenarios .picture svg")
+    pictures = summary_page.locator(".fault-picture svg")
     assert pictures.count() >= 2, "the fixture run has fault scenarios with pictures"
     for i in range(pictures.count()):
         svg = pictures.nth(i)
-        name = svg.evaluate("s => s.closest('details').querySelector('summary').textContent")
+        name = svg.evaluate(
+            "s => s.closest('section, details').querySelector('h3, summary').textContent"
+        )
         lines = svg.locator("g[id^='line2d'] path").count()
         bands = svg.locator("g[id^='fault-band-']").count()
         assert lines >= 3, f"{name}: {lines} data lines drawn"
