@@ -231,10 +231,10 @@ def generate(spec: BenchSpec, folder: Path) -> Generated:
     platform = _Platform(spec, spec.probes * spec.targets, values, pair_of)
     batches = spec.events // spec.batch
     period_us = spec.batch / spec.events_per_s * 1e6
-    chosen = rng.sample(range(batches), min(batches, spec.seeded))
-    errors = dict.fromkeys(chosen[: spec.lost], "lost")
-    errors |= dict.fromkeys(chosen[spec.lost : spec.lost + spec.doubled], "doubled")
-    errors |= dict.fromkeys(chosen[spec.lost + spec.doubled :], "moved")
+    # Each error lands on the first event of the first batch from a random one on that is
+    # acknowledged at its first attempt (an event the oracle fixes).
+    kinds = ["lost"] * spec.lost + ["doubled"] * spec.doubled + ["moved"] * spec.moved
+    errors = sorted(zip(rng.sample(range(batches), min(batches, len(kinds))), kinds, strict=False))
     seeded: list[str] = []
     files = [
         (folder / f"outcomes-w{w}.jsonl").open("w", encoding="utf-8") for w in range(spec.workers)
@@ -303,7 +303,9 @@ def generate(spec: BenchSpec, folder: Path) -> Generated:
             )
             if stores and not user.stored:
                 windows = platform.window_of(user.tails, user.stamps_us)
-                error = errors.get(b) if not resend and outcome == "ok" else None
+                error = None
+                if errors and errors[0][0] <= b and not resend and outcome == "ok":
+                    error = errors.pop(0)[1]
                 if error is not None:
                     seeded.append(
                         f"{error} {user.process} batch at {now_us / 1e6:.3f}: {key(int(windows[0])).label()}"
