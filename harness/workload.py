@@ -35,8 +35,18 @@ from harness.history import UTC_MICROSECONDS, Event, History, Operation, Outcome
 __all__ = [
     "CLOCK_STEP_S",
     "EDGE_TARGETS",
+    "FUTURE_LIMIT_S",
+    "MAX_BODY_BYTES",
+    "MAX_EVENTS",
+    "MAX_EVENT_ID",
+    "MAX_MILLIS",
+    "MAX_PERCENT",
+    "MAX_PROBE_ID",
+    "MAX_TARGET",
+    "PAST_LIMIT_S",
     "PROFILES",
     "THRESHOLD_FIELDS",
+    "THRESHOLD_SIDES",
     "TS_FORMS",
     "EventGenerator",
     "IngestClient",
@@ -174,6 +184,8 @@ def threshold_events(
     """
     field, rule = THRESHOLD_FIELDS[kind]
     threshold = float(getattr(rules, rule))
+    if threshold < 0.5:
+        raise ValueError(f"{rule} threshold {threshold}: the spread needs one of at least 0.5")
     if side == "on":
         values = [threshold - 0.5, threshold + 0.5, threshold - 0.25, threshold + 0.25]
     elif side in ("below", "above"):
