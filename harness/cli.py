@@ -168,10 +168,14 @@ def cmd_fault(args: argparse.Namespace) -> int:
 
     fault = named(args.name)
     stack = open_stack(_kept_stack_options(args))
-    endpoints = stack.up()  # the kept stack; brought up first if it is not running
     if missing := fault.missing(stack):
-        print(f"{fault.name} needs {', '.join(missing)}, which {stack.name} lacks", file=sys.stderr)
+        print(
+            f"{fault.name} needs {', '.join(missing)}, which the {args.stack} stack {stack.name} "
+            "lacks",
+            file=sys.stderr,
+        )
         return 2
+    endpoints = stack.up()  # the kept stack; brought up first if it is not running
     timeline = Timeline()
     nemesis = Nemesis(stack, endpoints, timeline)
     print(f"{args.name} on {stack.name} for {args.hold:g} s (Ctrl-C heals at once)", flush=True)
