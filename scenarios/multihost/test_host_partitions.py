@@ -78,6 +78,8 @@ def test_nats_node_host_isolated(
     replicas = admin.stream_config().num_replicas
     assert replicas == 3, f"the scenario is about an R3 stream; this one has {replicas} replicas"
     leader_before = stream_cluster(endpoints, list(NATS_NODES))
+    on_host = [s for s in (node, "ingest-1") if spread.host_of(s) == host]
+    containers_before = {s: nemesis.control.container(s).id for s in on_host}
     with workload(client, generator) as load:
         load.progress()
         last_before = admin.last_sequence()
@@ -113,6 +115,10 @@ def test_nats_node_host_isolated(
         what=f"{node} caught up and every NATS client ready",
     )
     scenario_details["caught_up_after_heal_s"] = round(back_s, 3)
+    # A swarm that marked the cut-off node down replaces its tasks when it returns.
+    scenario_details["restarted_by_the_swarm"] = sorted(
+        s for s, c in containers_before.items() if nemesis.control.container(s).id != c
+    )
     client.settle(deadline_s=90)
     verify_recovery(
         verifier, history, list(generator.probes), [cut], scenario_details, timeout_s=90
