@@ -331,7 +331,7 @@ class ColumnarHistory:
                 UNION ALL SELECT fid, 'completion', c, 'has outcome ' || coalesce(o, 'null')
                     FROM lines WHERE c IS NOT NULL AND i IS NULL
                     AND coalesce(o NOT IN ('ok', 'fail', 'unknown'), true)
-            ) ORDER BY fid, n LIMIT 1"""
+            ) ORDER BY fid, n, kind DESC, what LIMIT 1"""
         ).fetchall()
         for fid, kind, n, what in problems:
             raise ValueError(
