@@ -232,6 +232,9 @@ class ColumnarHistory:
                     store._add_file(path, path.stat().st_mtime if ended is None else ended)
             store._add_operations(list(operations))
             store._build_operations()
+        except duckdb.Error as exc:
+            store.close()
+            raise RuntimeError(_engine_failed("read the outcome files", store._dir, exc)) from exc
         except BaseException:
             store.close()
             raise
@@ -399,9 +402,13 @@ class ColumnarHistory:
             raise ValueError(
                 f"window length must be a positive number of seconds, got {window_seconds}"
             )
-        scales = self._sort_ids()
-        partial = checker.expectation(self._python_operations(), window_seconds, realtime=realtime)
-        sums, plain_events = self._plain_windows(window_seconds, scales)
+        try:
+            scales = self._sort_ids()
+            operations = self._python_operations()
+            sums, plain_events = self._plain_windows(window_seconds, scales)
+        except duckdb.Error as exc:
+            raise RuntimeError(_engine_failed("build the oracle", self._dir, exc)) from exc
+        partial = checker.expectation(operations, window_seconds, realtime=realtime)
         aggregated = {
             key: sums[key].with_events(events) if key in sums else aggregate(events)
             for key, events in partial.definite.items()
@@ -598,6 +605,14 @@ class _WindowSums:
             throughput_sum=tput,
             throughput_min=tput_min,
         )
+
+
+def _engine_failed(what: str, folder: Path, exc: Exception) -> str:
+    return (
+        f"DuckDB could not {what}: {exc}. It works in {folder} (spilling there past its memory "
+        "limit): check that folder's free space, or give ColumnarHistory a larger memory_limit "
+        "or another work_dir"
+    )
 
 
 def _ordinary(column: str) -> str:

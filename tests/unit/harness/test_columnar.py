@@ -379,3 +379,9 @@ def test_a_batch_written_with_another_offset_names_the_same_window(tmp_path: Pat
     e = ev("o", sec=59.999999, form=TsForm(offset_minutes=120))
     v = both(tmp_path, [op(Outcome.OK, e, t=1.0)], [e])
     assert v.valid and v.windows[0].key.window_start == T0
+
+
+def test_an_engine_failure_says_what_to_do(tmp_path: Path) -> None:
+    write_outcomes(tmp_path / "run", [op(Outcome.OK, ev(f"e{i}"), t=float(i)) for i in range(50)])
+    with pytest.raises(RuntimeError, match="(?s)DuckDB could not read the outcome files: .*larger memory_limit"):
+        ColumnarHistory.read([OutcomeSource(tmp_path / "run")], memory_limit="1MB")
