@@ -383,5 +383,7 @@ def test_a_batch_written_with_another_offset_names_the_same_window(tmp_path: Pat
 
 def test_an_engine_failure_says_what_to_do(tmp_path: Path) -> None:
     write_outcomes(tmp_path / "run", [op(Outcome.OK, ev(f"e{i}"), t=float(i)) for i in range(50)])
-    with pytest.raises(RuntimeError, match="(?s)DuckDB could not read the outcome files: .*larger memory_limit"):
+    with pytest.raises(
+        RuntimeError, match="(?s)DuckDB could not read the outcome files: .*larger memory_limit"
+    ):
         ColumnarHistory.read([OutcomeSource(tmp_path / "run")], memory_limit="1MB")
