@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -195,6 +196,8 @@ class ColumnarHistory:
         work_dir: Path | None = None,
     ) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qoe-columnar-", dir=work_dir))
+        # Removed by close(), or when the store is dropped unclosed, or at exit at the latest.
+        self._remove_dir = weakref.finalize(self, shutil.rmtree, self._dir, ignore_errors=True)
         config: dict[str, Any] = {
             "memory_limit": memory_limit,
             "temp_directory": str(self._dir / "spill"),
@@ -207,7 +210,7 @@ class ColumnarHistory:
             self.db.execute("SET enable_progress_bar = false")
             self.db.execute(_SCHEMA)
         except BaseException:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove_dir()
             raise
         self._files: list[Path] = []
         self._in_memory: dict[tuple[int, int], Operation] = {}
@@ -244,7 +247,7 @@ class ColumnarHistory:
         try:
             self.db.close()
         finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove_dir()
 
     def __enter__(self) -> ColumnarHistory:
         return self

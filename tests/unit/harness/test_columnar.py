@@ -334,8 +334,11 @@ def test_damaged_events_and_duplicate_numbers_are_errors(tmp_path: Path) -> None
     path = write_outcomes(tmp_path, [op(Outcome.OK, ev("a"), t=1.0)]) / "outcomes-w1.jsonl"
     text = path.read_text()
     path.write_text(text.replace('"rtt_ms":10.0', '"rtt_ms":"fast"'))
-    with pytest.raises(ValueError, match="without rtt_ms"):
-        ColumnarHistory.read([OutcomeSource(tmp_path)]).expectation(W)
+    with (
+        pytest.raises(ValueError, match="without rtt_ms"),
+        ColumnarHistory.read([OutcomeSource(tmp_path)]) as store,
+    ):
+        store.expectation(W)
     path.write_text(text + text)
     with pytest.raises(ValueError, match="invocation 1 appears twice"):
         ColumnarHistory.read([OutcomeSource(tmp_path)])
@@ -369,6 +372,9 @@ def test_the_temporary_folder_is_removed(tmp_path: Path) -> None:
         assert list(tmp_path.glob("qoe-columnar-*"))
         store.expectation(W)
     assert not list(tmp_path.glob("qoe-columnar-*"))
+    dropped = ColumnarHistory.read([OutcomeSource(tmp_path / "run")], work_dir=tmp_path)
+    del dropped  # never closed: its folder goes with it
+    assert not list(tmp_path.glob("qoe-columnar-*"))
     (tmp_path / "run" / "outcomes-w2.jsonl").write_text('{"i": 1, "t": null}\n')
     with pytest.raises(ValueError, match='invocation 1 has no time "t"'):
         ColumnarHistory.read([OutcomeSource(tmp_path / "run")], work_dir=tmp_path)
@@ -384,6 +390,6 @@ def test_a_batch_written_with_another_offset_names_the_same_window(tmp_path: Pat
 def test_an_engine_failure_says_what_to_do(tmp_path: Path) -> None:
     write_outcomes(tmp_path / "run", [op(Outcome.OK, ev(f"e{i}"), t=float(i)) for i in range(50)])
     with pytest.raises(
-        RuntimeError, match="(?s)DuckDB could not read the outcome files: .*larger memory_limit"
+        RuntimeError, match=r"(?s)DuckDB could not read the outcome files: .*larger memory_limit"
     ):
         ColumnarHistory.read([OutcomeSource(tmp_path / "run")], memory_limit="1MB")
