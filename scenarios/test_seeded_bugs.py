@@ -247,16 +247,18 @@ def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
     day_ago = started - timedelta(hours=24)
 
     def published_a_day_ago(verdict: checker.Verdict) -> bool:
-        return any(
+        # Only that window: until the rest have converged, others are wrong too, and the
+        # summary (ten windows at most) need not reach the one this test is about.
+        return [
             w.expected is None
             and w.observed is not None
             and abs(w.key.window_start - day_ago) < timedelta(minutes=3)
             for w in verdict.wrong()
-        )
+        ] == [True]
 
     verdict = verdict_showing(
         published_a_day_ago,
-        "a window nothing explains, a day old (the event the bug let through)",
+        "one wrong window, nothing explains it, a day old (the event the bug let through)",
         verifier,
         history,
         generator,
