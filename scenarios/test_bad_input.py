@@ -249,6 +249,9 @@ def send_case(client: IngestClient, case: Case) -> str | None:
     return None
 
 
+PAST_CASE_EVENTS = 3  # the past case's batch: its second event is the one a day old
+
+
 def one_step_past_the_time_bounds(client: IngestClient, generator: EventGenerator) -> list[str]:
     """A ts one step before now - 24 h and one step after now + 5 min must each be a 422.
 
@@ -256,7 +259,7 @@ def one_step_past_the_time_bounds(client: IngestClient, generator: EventGenerato
     The future case is judged when the round trip was shorter than the step, and recorded,
     since a slower answer may rightly accept it.
     """
-    old = wire(generator.batch(3))
+    old = wire(generator.batch(PAST_CASE_EVENTS))
     stamp = time.time() - PAST_LIMIT_S - CLOCK_STEP_S
     old[1]["ts"] = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="microseconds")
     past = Case("ts one step before now - 24 h", body(old), 422, errors=((1, frozenset({"ts"})),))

@@ -20,7 +20,7 @@ from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
 from harness.stack import Endpoints, StackSettings
 from harness.workload import THRESHOLD_FIELDS, EventGenerator, IngestClient
-from scenarios.test_bad_input import send_bad_input_at_the_bounds
+from scenarios.test_bad_input import PAST_CASE_EVENTS, send_bad_input_at_the_bounds
 from scenarios.test_dedup import resend_after_a_cut_off_answer
 from scenarios.test_e2e import send_every_timestamp_form
 from scenarios.test_partitions import ingest_nats_partition
@@ -236,8 +236,9 @@ def test_diagnoser_comparing_with_or_equal_fails_the_threshold_scenario(
 def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
     reconfigured_stack, endpoints, client: IngestClient, generator, verifier, history
 ):
-    """Both time bounds a minute loose: the two cases one step past them are answered 202,
-    and the one sent unrecorded (before now - 24 h) shows as a window nothing explains."""
+    """Both time bounds a minute loose: the two cases one step past them are answered 202, and
+    the one sent unrecorded (before now - 24 h) is stored whole: its day-old event a window
+    nothing explains, its other events extra samples in today's windows."""
     started = datetime.now(UTC)
     failures = send_bad_input_at_the_bounds(client, generator, endpoints.ingest_token)
     text = "\n".join(failures)
@@ -246,19 +247,35 @@ def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
     assert failures[1].startswith("ts one step after now + 5 min: expected 422"), text
     day_ago = started - timedelta(hours=24)
 
-    def published_a_day_ago(verdict: checker.Verdict) -> bool:
-        # Only that window: until the rest have converged, others are wrong too, and the
-        # summary (ten windows at most) need not reach the one this test is about.
-        return [
-            w.expected is None
+    def the_past_case_stored(verdict: checker.Verdict) -> bool:
+        # The bug lets the past case's whole batch in, sent unrecorded: its day-old event is
+        # a window nothing explains, its others are extra samples in today's windows; nothing
+        # else may be wrong (until the rest have converged, other windows are too).
+        wrong = verdict.wrong()
+        day_old = [
+            w
+            for w in wrong
+            if w.expected is None
             and w.observed is not None
+            and w.observed.samples == 1
             and abs(w.key.window_start - day_ago) < timedelta(minutes=3)
-            for w in verdict.wrong()
-        ] == [True]
+        ]
+        extra = [
+            w.observed.samples - w.expected.samples
+            for w in wrong
+            if w.expected is not None and w.observed is not None
+        ]
+        return (
+            len(day_old) == 1
+            and len(day_old) + len(extra) == len(wrong)
+            and all(n > 0 for n in extra)
+            and sum(extra) == PAST_CASE_EVENTS - 1
+        )
 
     verdict = verdict_showing(
-        published_a_day_ago,
-        "one wrong window, nothing explains it, a day old (the event the bug let through)",
+        the_past_case_stored,
+        f"a day-old window nothing explains and {PAST_CASE_EVENTS - 1} extra samples today: "
+        "the past case's batch stored, and nothing else wrong",
         verifier,
         history,
         generator,
