@@ -162,8 +162,9 @@ def cmd_fault(args: argparse.Namespace) -> int:
     """Hold a named fault on the kept stack, then heal; print when it took effect and healed."""
     import threading
 
-    from harness.history import Timeline
+    from harness.history import History
     from harness.nemesis import Nemesis
+    from harness.nemesis.core import seconds
     from harness.nemesis.registry import named
 
     fault = named(args.name)
@@ -176,8 +177,8 @@ def cmd_fault(args: argparse.Namespace) -> int:
         )
         return 2
     endpoints = stack.up()  # the kept stack; brought up first if it is not running
-    timeline = Timeline()
-    nemesis = Nemesis(stack, endpoints, timeline)
+    history = History()
+    nemesis = Nemesis(stack, endpoints, history)
     print(f"{args.name} on {stack.name} for {args.hold:g} s (Ctrl-C heals at once)", flush=True)
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
     try:
@@ -185,9 +186,11 @@ def cmd_fault(args: argparse.Namespace) -> int:
             threading.Event().wait(args.hold)  # the fault's length is the user's choice
     except KeyboardInterrupt:
         print("interrupted: healed", file=sys.stderr)
-    for mark in timeline.marks():
-        took = "" if mark.duration_s is None else f" ({mark.duration_s:.2f} s)"
-        print(f"{mark.name}: {mark.detail}{took}")
+    for f in history.faults():
+        print(
+            f"{f.name}: {f.detail}; effect {seconds(f.effect_s)}, held {seconds(f.duration_s)}, "
+            f"heal {seconds(f.heal_s)}"
+        )
     return 0
 
 

@@ -6,11 +6,13 @@ a window that counts k events too many (or too few) differs from the oracle by t
 events, and among the acknowledged events of that window (or, for events counted in the wrong
 window, of its neighbours) the k whose four sums make up the difference are the suspects. A
 search over subsets, bounded in work; when no subset or more than one fits, the explanation
-says so instead of naming ids. Pure functions of the verdict, the history and the timeline.
+says so instead of naming ids. Pure functions of the verdict, the history (the clients'
+operations and the nemesis's faults) and the timeline (container events).
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from harness.checker import Aggregate, Verdict, WindowKey, WindowVerdict, key_of
-from harness.history import Event, History, Mark, Operation, Outcome
+from harness.history import Event, Fault, History, Mark, Operation, Outcome
 
 __all__ = ["Carrier", "Explanation", "Suspect", "explain"]
 
@@ -26,7 +28,6 @@ __all__ = ["Carrier", "Explanation", "Suspect", "explain"]
 # acks (or fails to) within the consumer's ack wait, 10 s by default.
 AFTER_COMPLETION_S = 10.0
 SEARCH_BUDGET = 200_000  # subsets tried per window before giving up on naming ids
-_PHASES = (" start", " effective", " healed")
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def explain(
     if window_s is None:
         return ()
     index = _Index(history, window_s)
-    faults = _faults_and_events(marks)
+    faults = _faults_and_events(history.faults(), marks)
     found = []
     for w in verdict.wrong():
         difference = (w.observed.samples if w.observed else 0) - _expected_samples(w)
@@ -263,14 +264,14 @@ def _window_seconds(verdict: Verdict) -> int | None:
 # --- what overlapped -------------------------------------------------------------------------
 
 
-def _faults_and_events(marks: Iterable[Mark]) -> list[Mark]:
-    """Fault bands (not their start/effective/healed phase marks) and container events."""
-    return [
-        m
-        for m in marks
-        if (m.source == "nemesis" and m.duration_s is not None and not m.name.endswith(_PHASES))
-        or m.source == "docker"
+def _faults_and_events(faults: Iterable[Fault], marks: Iterable[Mark]) -> list[Mark]:
+    """The history's faults as bands (one still held lasts until now), and container events."""
+    now = time.time()
+    bands = [
+        Mark(f.started_at, "nemesis", f.name, f.detail, (f.ended_at or now) - f.started_at)
+        for f in faults
     ]
+    return bands + [m for m in marks if m.source == "docker"]
 
 
 def _overlapping(marks: Sequence[Mark], suspects: Sequence[Suspect]) -> tuple[Mark, ...]:

@@ -1,9 +1,12 @@
-"""The history of a run: every operation the harness attempted and what came of it.
+"""The history of a run: every operation the harness attempted and what came of it, and
+every fault the nemesis injected.
 
-As in Jepsen, each operation ends ``ok`` (the platform acknowledged it), ``fail`` (definitely
-rejected: nothing was stored) or ``unknown`` (it may or may not have been stored). Checkers are
-pure functions of a History; load workers write their own history files and the harness merges
-them. The Timeline next to it records faults and container events for the report.
+As in Jepsen, each client operation ends ``ok`` (the platform acknowledged it), ``fail``
+(definitely rejected: nothing was stored) or ``unknown`` (it may or may not have been stored);
+the nemesis is one more process of the same history, its operations the faults with their
+clocks. Checkers, recovery times, pictures and failure explanations are pure functions of a
+History; load workers write their own history files and the harness merges them. The Timeline
+next to it records what the harness observed rather than did (container events, phases).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 __all__ = [
     "Event",
+    "Fault",
     "History",
     "Mark",
     "Operation",
@@ -217,6 +221,57 @@ class Operation:
         )
 
 
+@dataclass
+class Fault:
+    """One operation of the nemesis: a fault from injection to healed, or an instant action (a
+    move, a restart) that has no heal. Its clock is filled in as it happens (None until then)."""
+
+    name: str
+    detail: str = ""
+    started_at: float = 0.0  # time.time() when injection began
+    effect_s: float | None = None  # injection start -> the fault observably in effect
+    healed_at: float | None = None  # time.time() when healing began; None for an instant
+    heal_s: float | None = None  # healing start -> healed (e.g. the service healthy again)
+    ended_at: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "detail": self.detail,
+            "started_at": self.started_at,
+            "effect_s": self.effect_s,
+            "healed_at": self.healed_at,
+            "heal_s": self.heal_s,
+            "ended_at": self.ended_at,
+            "duration_s": self.duration_s,
+            **({"notes": self.notes} if self.notes else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Fault:
+        def maybe(key: str) -> float | None:
+            return None if d.get(key) is None else float(d[key])
+
+        return cls(
+            name=str(d["name"]),
+            detail=str(d.get("detail", "")),
+            started_at=float(d["started_at"]),
+            effect_s=maybe("effect_s"),
+            healed_at=maybe("healed_at"),
+            heal_s=maybe("heal_s"),
+            ended_at=maybe("ended_at"),
+            notes=dict(d.get("notes", {})),
+        )
+
+
+_FAULT_ROW = "fault"  # a history file's row type for the nemesis's operations
+
+
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     # Write to a temporary file and rename, so a reader never sees half a history.
     path = Path(path)
@@ -245,11 +300,12 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 class History:
-    """A thread-safe, append-only list of operations."""
+    """A thread-safe, append-only record of the clients' operations and the nemesis's faults."""
 
-    def __init__(self, operations: Iterable[Operation] = ()) -> None:
+    def __init__(self, operations: Iterable[Operation] = (), faults: Iterable[Fault] = ()) -> None:
         self._lock = threading.Lock()
         self._ops: list[Operation] = list(operations)
+        self._faults: list[Fault] = list(faults)
 
     def append(self, op: Operation) -> None:
         with self._lock:
@@ -260,10 +316,21 @@ class History:
         with self._lock:
             self._ops.extend(ops)
 
+    def begin_fault(self, fault: Fault) -> Fault:
+        """Record a fault as it starts; the nemesis fills in its clock as it goes."""
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
     def operations(self) -> tuple[Operation, ...]:
-        """A snapshot of the operations so far, in the order they were appended."""
+        """A snapshot of the clients' operations so far, in the order they were appended."""
         with self._lock:
             return tuple(self._ops)
+
+    def faults(self) -> tuple[Fault, ...]:
+        """The nemesis's faults so far, in the order they started."""
+        with self._lock:
+            return tuple(self._faults)
 
     def __len__(self) -> int:
         with self._lock:
@@ -276,6 +343,20 @@ class History:
         """When the last acknowledgement arrived (the start of the convergence clock)."""
         times = [op.completed_at for op in self.operations() if op.outcome is Outcome.OK]
         return max(times, default=None)
+
+    def last_healed_at(self) -> float | None:
+        """When healing of the last fault to be healed began (instants have no heal)."""
+        return max((f.healed_at for f in self.faults() if f.healed_at is not None), default=None)
+
+    def recovery_s(self, convergence_s: float | None) -> float | None:
+        """Seconds from the start of the last heal to the database matching the oracle, which
+        the checker saw ``convergence_s`` after the last acknowledgement (None: no fault healed).
+        The one place recovery is computed: scenarios, load runs and the report read it here."""
+        healed_at = self.last_healed_at()
+        if healed_at is None:
+            return None
+        matched_at = (self.last_ok_at() or time.time()) + (convergence_s or 0.0)
+        return round(max(0.0, matched_at - healed_at), 3)
 
     def rates(self, bucket_s: float = 0.5) -> list[dict[str, float]]:
         """What the clients saw over time, by completion time in buckets of `bucket_s`: events
@@ -293,19 +374,32 @@ class History:
         return [buckets[k] for k in sorted(buckets)]
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the history as JSON lines, one operation per line."""
-        _write_jsonl(Path(path), (op.to_dict() for op in self.operations()))
+        """Write the history as JSON lines: one operation per line, then one per fault."""
+        _write_jsonl(
+            Path(path),
+            [
+                *(op.to_dict() for op in self.operations()),
+                *({"type": _FAULT_ROW, **f.to_dict()} for f in self.faults()),
+            ],
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> History:
-        return cls(Operation.from_dict(row) for row in _read_jsonl(Path(path)))
+        ops, faults = [], []
+        for row in _read_jsonl(Path(path)):
+            if row.get("type") == _FAULT_ROW:
+                faults.append(Fault.from_dict(row))
+            else:
+                ops.append(Operation.from_dict(row))
+        return cls(ops, faults)
 
     @classmethod
     def merge(cls, *histories: History) -> History:
-        """One history of all operations, ordered by invocation time (stable for ties)."""
-        ops = [op for h in histories for op in h.operations()]
-        ops.sort(key=lambda op: op.invoked_at)
-        return cls(ops)
+        """One history of all operations, ordered by invocation time (stable for ties), and
+        all faults, ordered by start."""
+        ops = sorted((op for h in histories for op in h.operations()), key=lambda op: op.invoked_at)
+        faults = sorted((f for h in histories for f in h.faults()), key=lambda f: f.started_at)
+        return cls(ops, faults)
 
     @classmethod
     def load_merged(cls, paths: Iterable[str | os.PathLike[str]]) -> History:
@@ -315,7 +409,7 @@ class History:
 
 @dataclass(frozen=True, slots=True)
 class Mark:
-    """Something that happened during a run: a fault, a container event, a phase."""
+    """Something the harness observed during a run: a container event, a phase, a reading."""
 
     at: float  # time.time()
     source: str  # "nemesis", "docker", "workload", "checker", ...

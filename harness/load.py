@@ -1267,6 +1267,7 @@ def command(args: Any, options: StackOptions) -> int:
     run_dir = Path(args.report_dir) / run_id
     out_dir = run_dir / "load"
     timeline = Timeline()
+    faults = History()  # the nemesis's operations (the load's own are in its outcome files)
     try:
         stack = open_stack(options)
     except StackError as exc:
@@ -1318,7 +1319,7 @@ def command(args: Any, options: StackOptions) -> int:
                         file=sys.stderr,
                     )
                     return 2
-                nemesis = Nemesis(stack, endpoints, timeline)
+                nemesis = Nemesis(stack, endpoints, faults)
                 fault = lambda: named.start(nemesis)  # noqa: E731
             result = run_load(
                 endpoints,
@@ -1334,7 +1335,10 @@ def command(args: Any, options: StackOptions) -> int:
                 timeline=timeline,
             )
             verdict = result.verdict
-            details = {"load": {k: v for k, v in result.to_dict().items() if k != "freshness"}}
+            details = {
+                "load": {k: v for k, v in result.to_dict().items() if k != "freshness"},
+                "faults": [f.to_dict() for f in faults.faults()],
+            }
             text = result.summary()
             print(text)
             ok = result.ok

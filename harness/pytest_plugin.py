@@ -420,7 +420,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             duration_s=report.duration,
             verdict=verdict.to_dict() if verdict else None,
             details={
-                **item.stash.get(DETAILS_KEY, {}),
+                **_details(item),
                 **_over_time(item),
                 **({"explanation": [e.to_dict() for e in explanations]} if explanations else {}),
                 **({"longrepr": str(report.longrepr)[-4000:]} if report.failed else {}),
@@ -430,14 +430,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+def _details(item: pytest.Item) -> dict[str, Any]:
+    """What the scenario put in its `scenario_details` (nothing if it used none)."""
+    details: dict[str, Any] = item.stash.get(DETAILS_KEY, {})
+    return details
+
+
 def _over_time(item: pytest.Item) -> dict[str, Any]:
-    """A fault scenario's clients and consumer lag over time, for its report picture."""
+    """A fault scenario's clients, faults and consumer lag over time, for its report picture."""
     sampler = item.stash.get(LAG_KEY, None)
-    histories = item.stash.get(PICTURED_KEY, [])
     if sampler is None:
         return {}
+    merged = History.merge(*item.stash.get(PICTURED_KEY, []))
     return {
-        "clients_over_time": History.merge(*histories).rates(),
+        "clients_over_time": merged.rates(),
+        "faults": [f.to_dict() for f in merged.faults()],
         "consumer_lag": sampler.samples(),
     }
 
@@ -463,15 +470,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 def nemesis(
     stack: Stack,
     endpoints: Endpoints,
-    run: Run,
+    history: History,
     request: pytest.FixtureRequest,
 ) -> Iterator[Nemesis]:
-    """The faults; while a scenario uses them, the consumer lag is sampled for its report."""
+    """The faults, recorded in the scenario's history; while a scenario uses them, the
+    consumer lag is sampled for its report."""
     require(stack, ServiceControl, "process faults need the containers behind the services")
     sampler = LagSampler(JetStreamAdmin(endpoints.nats_urls)).start()
     request.node.stash[LAG_KEY] = sampler
     try:
-        yield Nemesis(stack, endpoints, run.timeline)
+        yield Nemesis(stack, endpoints, history)
     finally:
         sampler.stop()
 

@@ -336,6 +336,21 @@ def _scenario_bands(scenarios: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     return bands
 
 
+def _fault_bands_of(scenarios: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each scenario's faults (from its history) as nemesis bands on the run timeline."""
+    return [
+        {
+            "at": f["started_at"],
+            "source": "nemesis",
+            "name": f["name"],
+            "detail": f.get("detail", ""),
+            "duration_s": f.get("duration_s"),
+        }
+        for sc in scenarios
+        for f in (sc.get("details") or {}).get("faults") or []
+    ]
+
+
 def fault_svg(details: Mapping[str, Any]) -> str:
     """A fault scenario over time: events acknowledged per second, the share of batches not
     acknowledged, and the aggregators' consumer lag; each fault as a red band, the recovery
@@ -411,20 +426,18 @@ def _legend_beside(ax: Any) -> None:
 
 def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
     """The HTML page for a summary.json document (with the load charts found in run_dir)."""
+    scenarios = summary.get("scenarios", [])
     svg = timeline_svg(
-        [*summary.get("timeline", []), *_scenario_bands(summary.get("scenarios", []))],
+        [*summary.get("timeline", []), *_scenario_bands(scenarios), *_fault_bands_of(scenarios)],
         summary.get("started_at"),
     )
     template = _environment().get_template(TEMPLATE_NAME)
     loads = load_charts(run_dir) if run_dir is not None else []
-    timeline = summary.get("timeline", [])
     pictures = {
-        sc["nodeid"]: picture
-        for sc in summary.get("scenarios", [])
-        if (picture := fault_svg(_with_faults(sc, timeline)))
+        sc["nodeid"]: picture for sc in scenarios if (picture := fault_svg(sc.get("details") or {}))
     }
     suites: dict[str, list[Mapping[str, Any]]] = {}
-    for sc in summary.get("scenarios", []):
+    for sc in scenarios:
         suites.setdefault(suite_of(sc["nodeid"]), []).append(sc)
     tests = suites.pop(TESTS_SUITE, [])
     return template.render(
@@ -435,49 +448,8 @@ def render_html(summary: Mapping[str, Any], run_dir: Path | None = None) -> str:
         pictures=pictures,
         suites=dict(sorted(suites.items())),
         tests=_counts(tests),
-        failures=[sc for sc in summary.get("scenarios", []) if sc["outcome"] == "failed"],
+        failures=[sc for sc in scenarios if sc["outcome"] == "failed"],
     )
-
-
-_FAULT_PHASES = (" start", " effective", " healed")
-
-
-def _with_faults(
-    scenario: Mapping[str, Any], timeline: Sequence[Mapping[str, Any]]
-) -> Mapping[str, Any]:
-    """A scenario's details with its faults: those it recorded, else every nemesis band of the
-    run timeline that starts within the span its samples cover (a scenario that drives the
-    nemesis through a schedule or a load run records none itself)."""
-    details = scenario.get("details") or {}
-    sampled = [float(c["t"]) for c in details.get("clients_over_time") or []] + [
-        float(t) for t, _ in details.get("consumer_lag") or []
-    ]
-    if details.get("faults") or not sampled:
-        return details
-    begin, end = min(sampled), max(sampled)
-    heals = [
-        (m["name"].removesuffix(" healed"), float(m["at"]))
-        for m in timeline
-        if m["source"] == "nemesis" and m["name"].endswith(" healed")
-    ]
-
-    def healed_at(name: str, started: float) -> float | None:
-        return min((at for n, at in heals if n == name and at >= started), default=None)
-
-    faults = [
-        {
-            "name": m["name"],
-            "started_at": float(m["at"]),
-            "duration_s": float(m["duration_s"]),
-            "healed_at": healed_at(m["name"], float(m["at"])),
-        }
-        for m in timeline
-        if m["source"] == "nemesis"
-        and m.get("duration_s") is not None
-        and not m["name"].endswith(_FAULT_PHASES)
-        and begin <= float(m["at"]) <= end
-    ]
-    return {**details, "faults": faults} if faults else details
 
 
 def _counts(results: Sequence[Mapping[str, Any]]) -> dict[str, int]:

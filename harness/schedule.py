@@ -12,7 +12,6 @@ as in harness.nemesis.registry; generated schedules draw from its cheap ones.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from harness.history import Mark
 from harness.nemesis import Fault, Nemesis
 from harness.nemesis.registry import FAULTS, NamedFault, schedulable
 
@@ -87,23 +85,13 @@ def run_schedule(
     has completed n more operations. Returns the faults, in order, with their timings."""
     check_schedule(schedule, faults)
     done: list[Fault] = []
-    for index, step in enumerate(schedule.steps, start=1):
-        started = time.time()
+    for step in schedule.steps:
         with ExitStack() as held:
             for name in step.faults:
                 fault = held.enter_context(faults[name].start(nemesis))
                 if isinstance(fault, Fault):
                     done.append(fault)
             progress(step.hold)
-        nemesis.timeline.append(
-            Mark(
-                started,
-                "nemesis",
-                f"schedule step {index}/{len(schedule.steps)}",
-                step.describe(),
-                duration_s=time.time() - started,
-            )
-        )
         if step.gap:
             progress(step.gap)
     return done

@@ -222,24 +222,20 @@ def verify_recovery(
     verifier: Any,
     history: History,
     probe_ids: list[str],
-    faults: Sequence[Fault],
     details: dict[str, Any],
     timeout_s: float = 60.0,
 ) -> Verdict:
-    """The exactly-once verdict after the faults healed, and the recovery time: from the start
-    of the last heal to the first poll where the database matched the oracle. Both go into
-    the scenario's details and the timeline."""
+    """The exactly-once verdict after the history's faults healed, and the recovery time (the
+    history's: from the start of the last heal to the database matching the oracle). Both go
+    into the scenario's details; the recovery also into the timeline."""
     verdict = verifier.verify(history, probe_ids, timeout_s=timeout_s)
-    healed_at = max((f.healed_at for f in faults if f.healed_at is not None), default=None)
-    matched_at = (history.last_ok_at() or time.time()) + (verdict.convergence_s or 0.0)
-    recovery_s = None if healed_at is None else max(0.0, matched_at - healed_at)
-    details.setdefault("faults", []).extend(f.to_dict() for f in faults)
-    details["recovery_s"] = None if recovery_s is None else round(recovery_s, 3)
+    recovery_s = history.recovery_s(verdict.convergence_s)
+    details["recovery_s"] = recovery_s
     details["convergence_s"] = verdict.convergence_s
     details["counts"] = dict(verdict.counts)
-    if healed_at is not None:
+    if (healed_at := history.last_healed_at()) is not None:
         verifier.run.timeline.append(
-            Mark(healed_at, "nemesis", "recovered", verifier.node.name, duration_s=recovery_s)
+            Mark(healed_at, "checker", "recovered", verifier.node.name, duration_s=recovery_s)
         )
     return verdict
 
@@ -262,7 +258,6 @@ def recover_after_refusals(
     generator: EventGenerator,
     verifier: Any,
     history: History,
-    faults: Sequence[Fault],
     details: dict[str, Any],
     verify_timeout_s: float = 60.0,
 ) -> Verdict:
@@ -275,9 +270,7 @@ def recover_after_refusals(
     )
     details["ready_again_s"] = round(ready_s, 3)
     client.settle(deadline_s=60)
-    return verify_recovery(
-        verifier, history, list(generator.probes), faults, details, verify_timeout_s
-    )
+    return verify_recovery(verifier, history, list(generator.probes), details, verify_timeout_s)
 
 
 def other_aggregator_carries_on(

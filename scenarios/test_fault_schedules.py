@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, note, seed, settings
 
 from harness.history import History
+from harness.nemesis import Nemesis
 from harness.schedule import Schedule, Step, run_schedule, schedules
 from harness.workload import EventGenerator, IngestClient
 from scenarios.common import client_view, workload
@@ -32,7 +33,9 @@ def _run_one(
     schedule: Schedule, n: int, *, nemesis, endpoints, verifier, run, prefix, plot
 ) -> dict:
     history = History()
-    plot(history)  # every example's traffic in the scenario's picture
+    plot(history)  # every example's traffic and faults in the scenario's picture
+    # The example's own nemesis: its faults in the example's history, beside its operations.
+    example_nemesis = Nemesis(nemesis.stack, nemesis.endpoints, history)
     generator = EventGenerator(
         seed=run.seed + n,
         run_prefix=f"{prefix}s{n}",
@@ -46,17 +49,15 @@ def _run_one(
     ) as client:
         with workload(client, generator, batch_size=50) as load:
             load.progress()
-            faults = run_schedule(schedule, nemesis, lambda k: load.progress(more=k, timeout_s=90))
+            run_schedule(schedule, example_nemesis, lambda k: load.progress(more=k, timeout_s=90))
             load.stop()
         client.settle(deadline_s=90)
-    healed_at = max((f.healed_at or started for f in faults), default=started)
     verdict = verifier.observe(history, list(generator.probes), timeout_s=90)
-    matched_at = (history.last_ok_at() or time.time()) + (verdict.convergence_s or 0.0)
     return {
         "schedule": schedule.describe(),
         "valid": verdict.valid,
         "duration_s": round(time.time() - started, 2),
-        "recovery_s": round(max(0.0, matched_at - healed_at), 3) if verdict.valid else None,
+        "recovery_s": history.recovery_s(verdict.convergence_s) if verdict.valid else None,
         "clients_saw": client_view(history, started, time.time()),
         "summary": verdict.summary() if not verdict.valid else "",
     }

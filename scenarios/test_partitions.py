@@ -111,7 +111,6 @@ def ingest_nats_partition(
         generator,
         verifier,
         history,
-        [cut],
         scenario_details,
         verify_timeout_s,
     )
@@ -143,7 +142,7 @@ def test_aggregator_postgres_partition(
                 **client_view(history, cut.started_at, time.time()),
             }
     assert all(op.outcome is Outcome.OK for op in load.sent), "ingest should not notice the cut"
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
 
 
 def test_aggregator_postgres_heavy_latency(
@@ -165,7 +164,7 @@ def test_aggregator_postgres_heavy_latency(
                 "consumer": consumer_state(endpoints),
                 **client_view(history, slow.started_at, time.time()),
             }
-    verify_recovery(verifier, history, list(generator.probes), [slow], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
 
 
 def test_aggregator_nats_partition(
@@ -193,7 +192,7 @@ def test_aggregator_nats_partition(
                 **client_view(history, cut.started_at, time.time()),
             }
     assert all(op.outcome is Outcome.OK for op in load.sent), "ingest should not notice the cut"
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
 
 
 def test_diagnoser_nats_partition(
@@ -201,7 +200,7 @@ def test_diagnoser_nats_partition(
 ):
     """The diagnoser cut off from NATS: no hints, readiness red, but its timer sweeps keep the
     diagnoses right (checked during the cut and after healing)."""
-    with nemesis.cut("diagnoser-nats", effect=lambda: all_unready(endpoints, "diagnoser")) as cut:
+    with nemesis.cut("diagnoser-nats", effect=lambda: all_unready(endpoints, "diagnoser")):
         with workload(client, generator) as load:
             load.progress(more=5)
         during = verifier.verify(history, list(generator.probes), timeout_s=60)
@@ -209,7 +208,7 @@ def test_diagnoser_nats_partition(
         with workload(client, generator) as load2:
             load2.progress(more=3)
     assert all(op.outcome is Outcome.OK for op in load.sent + load2.sent)
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
 
 
 def test_whole_nats_tier_partition(
@@ -223,7 +222,7 @@ def test_whole_nats_tier_partition(
         with nemesis.partition("nats", effect=lambda: all_unready(endpoints, *everyone)) as cut:
             scenario_details["during_fault"] = refused_after_effect(load, cut, history)
     recover_after_refusals(
-        endpoints, everyone, client, generator, verifier, history, [cut], scenario_details
+        endpoints, everyone, client, generator, verifier, history, scenario_details
     )
 
 
@@ -260,7 +259,7 @@ def test_client_ingest_resets_and_timeouts(
     scenario_details["stored_despite_error"] = (
         _ingest_metric(endpoints, "duplicate") - duplicates_before
     )
-    verify_recovery(verifier, history, list(generator.probes), [fault], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
 
 
 def _ingest_metric(endpoints, outcome: str) -> float:
@@ -293,7 +292,7 @@ def test_hard_partition_of_an_ingest_replica(
     )
     scenario_details["ready_again_s"] = round(ready_s, 3)
     client.settle(deadline_s=60)
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
 
 
 @pytest.mark.slow
@@ -328,7 +327,7 @@ def test_hard_partition_of_an_aggregator_mid_transaction(
         what="aggregator-1 ready",
     )
     scenario_details["ready_again_s"] = round(back_s, 3)
-    verify_recovery(verifier, history, list(generator.probes), [cut], scenario_details)
+    verify_recovery(verifier, history, list(generator.probes), scenario_details)
     assert stalled is None, (
         f"the pipeline stalled while one aggregator was partitioned: {stalled}. Exactly-once "
         f"held after healing (recovery {scenario_details['recovery_s']} s)."

@@ -1,7 +1,7 @@
 """Faults, one module per mechanism (after Jepsen's nemesis namespaces):
 
-- `core`: the skeleton every fault shares (inject, effect, body, heal; timeline marks) and
-  the `Fault` record;
+- `core`: the skeleton every fault shares (inject, effect, body, heal), each fault an
+  operation of the nemesis in the run's History (`harness.history.Fault`);
 - `links`: Toxiproxy link cuts, tier partitions, toxics, upstream moves;
 - `processes`: kill, stop, restart, pause, disconnect, through the stack's ServiceControl;
 - `postgres`: the standby cut off, and failover;
@@ -25,8 +25,8 @@ __all__ = ["Fault", "Nemesis", "NemesisError"]
 
 
 class Nemesis(PostgresFaults, LinkFaults, ProcessFaults, HostFaults, NemesisCore):
-    """Every mechanism's faults on one stack, recorded in the run's timeline.
+    """Every mechanism's faults on one stack, recorded in a History as the nemesis process.
 
-    `Nemesis(stack, endpoints, timeline)`: link faults need the endpoints' Toxiproxy; process
+    `Nemesis(stack, endpoints, history)`: link faults need the endpoints' Toxiproxy; process
     and PostgreSQL faults need a stack with ServiceControl (harness.stack); host faults a stack
     on hosts of its own (harness.nemesis.hosts.MultiHost: the swarm backend)."""

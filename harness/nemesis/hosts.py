@@ -9,14 +9,14 @@ machine), each rule tagged `qoe-harness:<run id>/<fault>` so healing deletes exa
 fault's rules and reaping all of the run's.
 
 Every fault is a context manager on the nemesis fault skeleton (`NemesisCore.fault`): it
-records start, effect and heal marks in the run's timeline, is shown in effect before the body
+records its start, effect and heal in the run's history, is shown in effect before the body
 runs (a TCP connect across the cut fails; a crashed engine's socket is silent and the manager
 marks its node down; ...), and always heals, also when the body fails or is interrupted.
 
 `HostFaults` is the mechanism `Nemesis` has: on a stack spread over hosts (`MultiHost`: its
 `hosts` and `host_of(service)`, e.g. harness.swarm.SwarmStack) it reaches them through
 `stack.hosts`, and its `*_of(service)` faults name a host by the service on it (the registry's
-entries). `HostNemesis(hosts, timeline)` has the same faults on bare `Hosts`, without a stack.
+entries). `HostNemesis(hosts, history)` has the same faults on bare `Hosts`, without a stack.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Protocol, runtime_checkable
 from python_on_whales import DockerClient
 from python_on_whales.exceptions import DockerException
 
-from harness.history import Timeline
+from harness.history import History
 from harness.hosts import HOST_LABEL, Hosts
 from harness.nemesis.core import Fault, NemesisCore, NemesisError
 from harness.polling import wait_until
@@ -144,8 +144,8 @@ class MultiHost(Protocol):
 
 
 class HostFaults(NemesisCore):
-    """Faults on the hosts of a stack spread over several (MultiHost), recorded in the run's
-    timeline. The swarm faults and the crash's "node marked down" ask the swarm manager the
+    """Faults on the hosts of a stack spread over several (MultiHost), recorded in the
+    history. The swarm faults and the crash's "node marked down" ask the swarm manager the
     hosts formed (`Hosts.manager`)."""
 
     _bare_hosts: Hosts | None = None  # HostNemesis: hosts without a stack
@@ -447,11 +447,10 @@ class HostNemesis(HostFaults):
     """Host faults on bare `Hosts`, without a stack (component tests, trying things out).
     `manager`: the swarm manager's engine, if not the one `hosts.form_swarm` chose."""
 
-    def __init__(self, hosts: Hosts, timeline: Timeline, manager: DockerClient | None = None):
+    def __init__(self, hosts: Hosts, history: History, manager: DockerClient | None = None):
         self.stack = None  # type: ignore[assignment]
         self.endpoints = None  # type: ignore[assignment]
-        self.timeline = timeline
-        self.faults: list[Fault] = []
+        self.history = history
         self._bare_hosts = hosts
         self._manager_client = manager
 

@@ -11,8 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from harness.history import Mark
-from harness.nemesis.core import Fault, NemesisError, seconds
+from harness.nemesis.core import Fault, NemesisError
 from harness.nemesis.links import POSTGRES_PROXIES, LinkFaults
 from harness.nemesis.processes import ProcessFaults
 from harness.polling import wait_until
@@ -32,7 +31,8 @@ class PostgresFaults(LinkFaults, ProcessFaults):
 
     def postgres_roles(self) -> tuple[str, str]:
         """(primary, standby) among the running Postgres nodes, by pg_is_in_recovery()."""
-        primary, standby = [], []
+        primary: list[str] = []
+        standby: list[str] = []
         for node in POSTGRES_NODES:
             if not self._running(node):
                 continue
@@ -74,7 +74,7 @@ class Failover:
     Healing restores redundancy: the old primary is rebuilt (pg_basebackup from the new one
     into its volume) and started as the new standby; the new primary then replicates to it
     synchronously or not, as the stack's settings say. A failover stopped before promotion is
-    healed by starting the old primary again. The timeline gets each step.
+    healed by starting the old primary again. The history gets the failover and each step.
     """
 
     def __init__(self, nemesis: PostgresFaults, *, rebuild_old_primary: bool) -> None:
@@ -89,10 +89,7 @@ class Failover:
     def __enter__(self) -> Failover:
         nemesis = self.nemesis
         self.fault.started_at = time.time()
-        nemesis.faults.append(self.fault)
-        nemesis.timeline.append(
-            Mark(self.fault.started_at, "nemesis", "failover start", self.fault.detail)
-        )
+        nemesis.history.begin_fault(self.fault)
         return self
 
     def stop_primary(self) -> None:
@@ -125,9 +122,7 @@ class Failover:
         )
         self.promotion_s = time.monotonic() - self._stopped_at
         self.fault.effect_s = time.time() - self.fault.started_at
-        nemesis.timeline.append(
-            Mark(time.time(), "nemesis", "failover effective", self.fault.detail, self.promotion_s)
-        )
+        self.fault.notes["promotion_s"] = round(self.promotion_s, 3)
         return self.promotion_s
 
     def _writable(self) -> bool:
@@ -159,24 +154,8 @@ class Failover:
             self.fault.heal_s = time.monotonic() - healing
         finally:
             self.fault.ended_at = time.time()
-            nemesis.timeline.append(
-                Mark(
-                    self.fault.healed_at,
-                    "nemesis",
-                    "failover healed",
-                    "old primary rebuilt as standby" if self.promoted else "primary restarted",
-                    self.fault.heal_s,
-                )
-            )
-            nemesis.timeline.append(
-                Mark(
-                    self.fault.started_at,
-                    "nemesis",
-                    "failover",
-                    f"{self.fault.detail}; promotion {seconds(self.promotion_s)}, "
-                    f"rebuild {seconds(self.fault.heal_s)}",
-                    duration_s=self.fault.ended_at - self.fault.started_at,
-                )
+            self.fault.notes["healed_by"] = (
+                "old primary rebuilt as standby" if self.promoted else "primary restarted"
             )
 
     def rebuild(self) -> None:
@@ -189,7 +168,7 @@ class Failover:
         if container.state.running:
             engine.container.kill(container, signal="SIGKILL")
         volume = next(
-            m.name for m in container.mounts if m.destination == "/var/lib/postgresql/data"
+            str(m.name) for m in container.mounts if m.destination == "/var/lib/postgresql/data"
         )
         # The node's own environment has the run's replication password.
         environment = dict(item.split("=", 1) for item in container.config.env or [])
@@ -204,14 +183,14 @@ class Failover:
             f"rebuild {old}",
             f"pg_basebackup from {new}",
             lambda: engine.run(
-                container.config.image,
+                container.image,
                 ["-c", script],
                 entrypoint="/bin/sh",
                 remove=True,
                 networks=nemesis.networks_of(old),  # the storage network, where `new` is
                 volumes=[(volume, "/var/lib/postgresql/data")],
                 envs={"PGPASSWORD": environment["REPLICATION_PASSWORD"]},
-                labels={RUN_LABEL: container.config.labels[RUN_LABEL]},
+                labels={RUN_LABEL: (container.config.labels or {})[RUN_LABEL]},
             ),
         )
         nemesis._start([old])

@@ -19,7 +19,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from harness.history import Timeline
+from harness.history import History
 from harness.hosts import (
     CGROUP_ROOT,
     DATA_ROOT,
@@ -198,13 +198,9 @@ def _running_task(hosts: Hosts) -> str | None:
     return next((t.id for t in tasks if t.status.state == "running"), None)
 
 
-def _fault_marks(timeline: Timeline, name: str) -> list[str]:
-    return [m.name for m in timeline.marks() if m.name.startswith(name)]
-
-
 def test_partitions_cut_tcp_across_the_grudge_and_heal(swarm_hosts):
-    timeline = Timeline()
-    nemesis = HostNemesis(swarm_hosts, timeline)
+    history = History()
+    nemesis = HostNemesis(swarm_hosts, history)
     with nemesis.isolated("h2"):
         assert not nemesis.connects("h1", "h2") and not nemesis.connects("h2", "h3")
         assert nemesis.connects("h1", "h3")
@@ -216,16 +212,12 @@ def test_partitions_cut_tcp_across_the_grudge_and_heal(swarm_hosts):
     with nemesis.bridged():  # h1 | h2 | h3
         assert nemesis.connects("h1", "h2") and nemesis.connects("h3", "h2")
         assert not nemesis.connects("h1", "h3")
-    assert _fault_marks(timeline, "isolate h2") == [
-        "isolate h2 start",
-        "isolate h2 effective",
-        "isolate h2 healed",
-        "isolate h2",
-    ]
+    assert [f.name for f in history.faults()] == ["isolate h2", "loss h1->h3", "bridge via h2"]
+    assert all(f.effect_s is not None and f.heal_s is not None for f in history.faults())
 
 
 def test_a_partition_heals_when_the_body_fails(swarm_hosts):
-    nemesis = HostNemesis(swarm_hosts, Timeline())
+    nemesis = HostNemesis(swarm_hosts, History())
     with pytest.raises(RuntimeError, match="body failed"), nemesis.halved():
         raise RuntimeError("body failed")
     assert all(swarm_hosts.tagged_rules(h, ("raw",)) == [] for h in swarm_hosts.names)
@@ -234,7 +226,7 @@ def test_a_partition_heals_when_the_body_fails(swarm_hosts):
 
 def test_freeze_pauses_every_container_of_the_host(swarm_hosts):
     client = swarm_hosts.client("h2")
-    with HostNemesis(swarm_hosts, Timeline()).frozen("h2") as fault:
+    with HostNemesis(swarm_hosts, History()).frozen("h2") as fault:
         assert all(c.state.paused for c in client.container.list())
         assert fault.notes["containers"] >= 1
     assert not any(c.state.paused for c in client.container.list())
@@ -242,7 +234,7 @@ def test_freeze_pauses_every_container_of_the_host(swarm_hosts):
 
 def test_task_killed_is_restarted_by_the_swarm(swarm_hosts):
     before = _running_task(swarm_hosts)
-    with HostNemesis(swarm_hosts, Timeline()).task_killed("sleeper") as fault:
+    with HostNemesis(swarm_hosts, History()).task_killed("sleeper") as fault:
         assert fault.notes["host"] == "h2"
     after = _running_task(swarm_hosts)
     assert after is not None and after != before
@@ -251,7 +243,7 @@ def test_task_killed_is_restarted_by_the_swarm(swarm_hosts):
 def test_drain_moves_tasks_off_the_node_and_back_to_active(swarm_hosts):
     manager = swarm_hosts.client("h1")
     node = swarm_hosts.node_id("h2")
-    with HostNemesis(swarm_hosts, Timeline()).drained("h2"):
+    with HostNemesis(swarm_hosts, History()).drained("h2"):
         assert manager.node.inspect(node).spec.availability == "drain"
         assert not [t for t in manager.node.ps(node) if t.status.state == "running"]
     assert manager.node.inspect(node).spec.availability == "active"
@@ -264,8 +256,8 @@ def test_crash_kills_the_whole_host_at_once_and_it_returns_to_the_swarm(swarm_ho
     client = swarm_hosts.client("h2")
     container_pids = [c.state.pid for c in client.container.list()]
     assert container_pids
-    timeline = Timeline()
-    with HostNemesis(swarm_hosts, timeline).crashed("h2") as fault:
+    history = History()
+    with HostNemesis(swarm_hosts, history).crashed("h2") as fault:
         assert not swarm_hosts.engine_answers("h2")
         assert swarm_hosts.node_states()["h2"].startswith("down")
         assert not any(Path(f"/proc/{pid}").exists() for pid in container_pids)
@@ -273,7 +265,7 @@ def test_crash_kills_the_whole_host_at_once_and_it_returns_to_the_swarm(swarm_ho
     assert swarm_hosts.node_states()["h2"] == "ready/active"
     wait_until(lambda: _running_task(swarm_hosts), timeout_s=90, what="sleeper back after crash")
     print(f"crash: effect {fault.effect_s:.1f} s (node marked down), back {fault.heal_s:.1f} s")
-    assert _fault_marks(timeline, "crash h2")[-1] == "crash h2"
+    assert history.faults() == (fault,) and fault.name == "crash h2"
 
 
 # -- an engine reached over TCP, through the hosts-file path ----------------------------------

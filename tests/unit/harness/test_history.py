@@ -1,4 +1,5 @@
-"""History and timeline: wire form, JSON-lines round trips, merging, thread safety."""
+"""History and timeline: wire form, JSON-lines round trips, merging, thread safety; the
+nemesis's faults in the history and the recovery time computed from them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.history import Event, History, Mark, Operation, Outcome, Timeline, TsForm
+from harness.history import Event, Fault, History, Mark, Operation, Outcome, Timeline, TsForm
 
 
 def _event(i: int, ts: datetime | None = None) -> Event:
@@ -111,6 +112,39 @@ def test_history_merge_orders_by_invocation(tmp_path: Path) -> None:
     merged = History.load_merged([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
     assert [op.invoked_at for op in merged] == [1.0, 3.0, 5.0]
     assert History.merge(a, b).operations() == merged.operations()
+
+
+def _fault(start: float, healed: float | None, name: str = "cut ingest-nats") -> Fault:
+    end = start + 0.5 if healed is None else healed + 1.0
+    return Fault(name, "d", start, effect_s=0.2, healed_at=healed, heal_s=1.0, ended_at=end)
+
+
+def test_faults_and_operations_share_one_history_file(tmp_path: Path) -> None:
+    h = History([_op(1.0), _op(2.0, Outcome.UNKNOWN)])
+    h.begin_fault(_fault(1.5, 3.0)).notes["containers"] = 2
+    h.begin_fault(_fault(4.0, None, "move db"))  # an instant: no heal
+    h.save(tmp_path / "h.jsonl")
+    back = History.load(tmp_path / "h.jsonl")
+    assert back.operations() == h.operations()
+    assert back.faults() == h.faults()
+    assert back.faults()[0].notes == {"containers": 2}
+
+
+def test_merge_keeps_every_process_faults_by_start() -> None:
+    a = History([_op(1.0)], [_fault(5.0, 6.0, "b")])
+    b = History([_op(2.0)], [_fault(1.0, 2.0, "a")])
+    assert [f.name for f in History.merge(a, b).faults()] == ["a", "b"]
+
+
+def test_recovery_runs_from_the_last_heal_to_the_database_matching() -> None:
+    ops = [_op(1.0), _op(10.0)]  # the last acknowledgement completes at 10.01
+    assert History(ops).recovery_s(2.0) is None  # no fault healed: nothing to recover from
+    h = History(ops, [_fault(2.0, 6.0), _fault(3.0, 8.0), _fault(9.0, None, "move db")])
+    assert h.last_healed_at() == 8.0  # the later heal; the instant has none
+    assert h.recovery_s(2.0) == pytest.approx(4.01)  # matched at 10.01 + 2.0
+    assert h.recovery_s(None) == pytest.approx(2.01)
+    # Matched before the heal began (the fault changed nothing the checker sees): zero.
+    assert History([_op(1.0)], [_fault(0.5, 30.0)]).recovery_s(0.0) == 0.0
 
 
 def test_history_last_ok_at() -> None:

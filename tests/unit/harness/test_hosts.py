@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harness import hosts as hosts_module
-from harness.history import Timeline
+from harness.history import History
 from harness.hosts import (
     Host,
     HostsError,
@@ -368,20 +368,19 @@ def test_partition_in_effect_then_healed_leaving_other_faults_rules():
     fake = FakeHosts(H3)
     foreign = ["PREROUTING", "-t", "raw", "-s", "10.9.9.9", "-m", "comment", "--comment", "qoe-harness:other/p1", "-j", "DROP"]  # fmt: skip
     fake.rules["h1"].append(foreign)
-    timeline = Timeline()
-    nemesis = HostNemesis(fake, timeline)  # type: ignore[arg-type]
+    history = History()
+    nemesis = HostNemesis(fake, history)  # type: ignore[arg-type]
     with nemesis.isolated("h1") as fault:
         assert len(fake.rules["h1"]) == 3 and len(fake.rules["h2"]) == 1
         assert not nemesis.connects("h2", "h1") and nemesis.connects("h2", "h3")
     assert fake.rules == {"h1": [foreign], "h2": [], "h3": []}
     assert fault.effect_s is not None and fault.heal_s is not None
-    names = [m.name for m in timeline.marks()]
-    assert names == ["isolate h1 start", "isolate h1 effective", "isolate h1 healed", "isolate h1"]
+    assert history.faults() == (fault,) and fault.name == "isolate h1"
 
 
 def test_partition_heals_when_the_body_fails():
     fake = FakeHosts(H3)
-    nemesis = HostNemesis(fake, Timeline())  # type: ignore[arg-type]
+    nemesis = HostNemesis(fake, History())  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="scenario broke"), nemesis.bridged():
         assert fake.rules["h1"] and fake.rules["h3"] and not fake.rules["h2"]
         raise RuntimeError("scenario broke")
@@ -390,7 +389,7 @@ def test_partition_heals_when_the_body_fails():
 
 def test_partition_refuses_when_hosts_cannot_connect_before_the_cut():
     fake = FakeHosts(H3, unreachable={("h2", "h1")})
-    nemesis = HostNemesis(fake, Timeline())  # type: ignore[arg-type]
+    nemesis = HostNemesis(fake, History())  # type: ignore[arg-type]
     with pytest.raises(NemesisError, match="cannot connect"), nemesis.isolated("h1"):
         pass
     assert fake.rules == {"h1": [], "h2": [], "h3": []}
@@ -399,7 +398,7 @@ def test_partition_refuses_when_hosts_cannot_connect_before_the_cut():
 def test_partition_not_in_effect_fails_and_still_heals(monkeypatch):
     """A cut that does not cut (here: the rules land but connects still pass) is an error."""
     fake = FakeHosts(H3)
-    nemesis = HostNemesis(fake, Timeline())  # type: ignore[arg-type]
+    nemesis = HostNemesis(fake, History())  # type: ignore[arg-type]
     monkeypatch.setattr(nemesis, "connects", lambda source, destination: True)
     loss = nemesis.host_partition(one_way("h1", "h2"), effect_timeout_s=0.3)
     with pytest.raises(AssertionError, match="taking effect"), loss:
@@ -412,12 +411,12 @@ def test_named_host_faults_reach_the_hosts_through_the_stack():
     through stack.hosts; a stack without hosts of its own is told what is missing."""
     fake = FakeHosts(H3)
     on_hosts = SimpleNamespace(name="qoe-swarm", hosts=fake, host_of={"nats-2": "h3"}.get)
-    nemesis = Nemesis(on_hosts, SimpleNamespace(toxiproxy_url=None), Timeline())  # type: ignore[arg-type]
+    nemesis = Nemesis(on_hosts, SimpleNamespace(toxiproxy_url=None), History())  # type: ignore[arg-type]
     with named("isolate-nats-2-host").start(nemesis) as fault:
         assert fault.name == "isolate h3" and fake.rules["h3"]
     assert fake.rules == {"h1": [], "h2": [], "h3": []}
     compose = SimpleNamespace(name="qoe-compose")
     assert named("isolate-nats-2-host").missing(compose) == ["MultiHost"]  # type: ignore[arg-type]
-    on_compose = Nemesis(compose, SimpleNamespace(toxiproxy_url=None), Timeline())  # type: ignore[arg-type]
+    on_compose = Nemesis(compose, SimpleNamespace(toxiproxy_url=None), History())  # type: ignore[arg-type]
     with pytest.raises(NemesisError, match="--stack swarm"):
         on_compose.isolated("h1")

@@ -193,6 +193,8 @@ def test_fault_scenarios_get_a_recovery_row_and_a_picture(tmp_path: Path) -> Non
     page = report.write().read_text()
     assert 'id="recovery">Faults and recovery</h2>' in page and "5.50s" in page
     assert "over time: test_cut" in page and "consumer lag" in page and "lag unreadable" in page
+    # The run timeline draws the scenario's faults from its history: a nemesis row, the band.
+    assert ">nemesis<" in page and "fault-band-0" in page
 
 
 def test_a_scenario_is_reproduced_without_the_run_s_selection() -> None:

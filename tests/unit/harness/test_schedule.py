@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import pytest
 from hypothesis import given, settings
 
-from harness.history import Timeline
 from harness.nemesis import Fault
 from harness.nemesis.registry import FAULTS, NamedFault, schedulable
 from harness.schedule import (
@@ -22,7 +21,6 @@ from harness.schedule import (
 
 class FakeNemesis:
     def __init__(self) -> None:
-        self.timeline = Timeline()
         self.log: list[str] = []
 
 
