@@ -7,8 +7,10 @@ import argparse
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import docker
 
@@ -23,6 +25,9 @@ from harness.stack import (
     open_stack,
     reap_orphans,
 )
+
+if TYPE_CHECKING:
+    from harness.load import LoadPlan
 
 REUSE_PROJECT = "qoe-dev"
 SUITES: dict[str, list[str]] = {
@@ -123,11 +128,78 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     from harness import load
 
+    if args.profile == "worker":
+        return _load_worker(args)
+    try:
+        plan = _load_plan(args)
+    except ValueError as exc:  # a bad rate, factor or fault: nothing was started
+        print(f"load {args.profile}: {exc}", file=sys.stderr)
+        return 2
     settings = StackSettings(
         stream_replicas=args.stream_replicas, health_interval_s=load.LOAD_HEALTH_INTERVAL_S
     )
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
-    return load.command(args, _load_stack_options(args, settings))
+    return load.run_profile(plan, _load_stack_options(args, settings))
+
+
+def _load_worker(args: argparse.Namespace) -> int:
+    """`load worker`: one locust worker for a master started elsewhere."""
+    from harness.load.locust import run_worker
+
+    if not args.master:
+        print("load worker needs --master HOST:PORT (the master's address)", file=sys.stderr)
+        return 2
+    out = args.out or Path(args.report_dir) / f"worker-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        return run_worker(args.master, out, args.ingest or "")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+def _load_plan(args: argparse.Namespace) -> LoadPlan:
+    """The profile's plan from the arguments; ValueError saying what is wrong with them."""
+    from harness import load
+    from harness.nemesis.registry import FAULTS
+
+    profile = args.profile
+    if profile == "chaos" and args.fault not in FAULTS:
+        raise ValueError(f"unknown fault {args.fault!r}; faults are {', '.join(FAULTS)}")
+    slo = load.load_slo(args.slo, profile).overridden(
+        max_error_rate=args.max_error_rate,
+        max_p95_ms=args.max_p95_ms,
+        max_p99_ms=args.max_p99_ms,
+        min_events_per_s=args.min_events_per_s,
+        max_freshness_p95_s=args.max_freshness_p95_s,
+        max_convergence_s=args.max_convergence_s,
+    )
+    duration = args.duration if args.duration is not None else (600 if profile == "soak" else 30)
+    spec = load.LoadSpec(
+        rate=args.rate,
+        duration_s=duration,
+        users=args.users,
+        batch_size=args.batch,
+        probes=args.probes,
+        targets=args.targets,
+        degraded=args.degraded,
+        workers=args.workers,
+        remote_workers=args.remote_workers,
+        master_bind=args.master_bind or ("0.0.0.0" if args.remote_workers else "127.0.0.1"),
+        master_port=args.master_port or (5557 if args.remote_workers else 0),
+    )
+    return load.LoadPlan(
+        profile=profile,
+        spec=spec,
+        slo=slo,
+        report_dir=Path(args.report_dir),
+        fault_slo=load.load_slo(args.slo, "chaos.fault") if profile == "chaos" else None,
+        fault=args.fault if profile == "chaos" else "",
+        fault_at_s=args.fault_at if args.fault_at is not None else duration / 3,
+        fault_for_s=args.fault_for,
+        step_rates=tuple(load.step_rates(args.rate, args.step_factor, args.max_rate))
+        if profile == "step"
+        else (),
+    )
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
