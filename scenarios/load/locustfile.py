@@ -1,6 +1,6 @@
 """Locust users that behave like QoE probes, and record the outcome of every batch they send.
 
-Run by the harness (harness/load.py) in its own process(es), never inside pytest: locust
+Run by the harness (harness/load/locust.py) in its own process(es), never inside pytest: locust
 monkey-patches the standard library with gevent.
 
 Settings are locust options (``--qoe-*``) that default to environment variables, so the token
