@@ -14,7 +14,7 @@ from typing import Any
 
 from harness import checker
 from harness.columnar import OutcomeSource
-from harness.history import History, Outcome, Timeline
+from harness.history import Fault, History, Outcome, Timeline
 from harness.load.freshness import FreshnessMonitor, FreshnessSample
 from harness.load.gates import Breach, LoadStats, Slo, evaluate, stats_of
 from harness.load.locust import (
@@ -31,7 +31,7 @@ from harness.stack import Endpoints
 # --- a load run -------------------------------------------------------------------------------
 
 
-Fault = Callable[[], AbstractContextManager[Any]]
+StartFault = Callable[[], AbstractContextManager[Fault]]  # a named fault's start(nemesis)
 
 
 @dataclass
@@ -127,7 +127,7 @@ def run_load(
     sentinel_probe: str | None = None,
     slo: Slo | None = None,
     fault_slo: Slo | None = None,
-    fault: Fault | None = None,
+    fault: StartFault | None = None,
     fault_name: str = "",
     fault_at_s: float = 0.0,
     fault_for_s: float = 0.0,
@@ -251,13 +251,14 @@ def run_load(
 
 def _inject(
     locust: LocustProcesses,
-    fault: Fault,
+    fault: StartFault,
     fault_name: str,
     at_s: float,
     for_s: float,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Wait until ``at_s`` into the load, hold the fault for ``for_s``, heal; return its window."""
+    """Wait until ``at_s`` into the load, hold the fault for ``for_s``, heal; return its window
+    as the nemesis recorded it (injection started to healed)."""
     wait_until(
         lambda: locust.sending() or not locust.running(),
         timeout_s=60 + (REMOTE_WORKER_WAIT_S if locust.spec.remote_workers else 0),
@@ -271,18 +272,17 @@ def _inject(
         what=f"{at_s:g}s of load before the fault",
         interval_s=0.05,
     )
-    started = time.time()
     say(f"fault {fault_name or 'fault'} for {for_s:g}s")
-    with fault():
+    with fault() as held:
         wait_until(
-            lambda: time.time() >= started + for_s,
+            lambda: time.time() >= held.started_at + for_s,
             timeout_s=for_s + 60,
             what=f"the fault window of {for_s:g}s",
             interval_s=0.05,
         )
-    ended = time.time()
-    say(f"fault {fault_name or 'fault'} healed after {ended - started:.1f}s")
-    return {"name": fault_name, "start": started, "end": ended}
+    ended = held.ended_at or time.time()
+    say(f"fault {fault_name or 'fault'} healed after {ended - held.started_at:.1f}s")
+    return {"name": fault_name, "start": held.started_at, "end": ended}
 
 
 def verify(
