@@ -303,18 +303,18 @@ def generate(spec: BenchSpec, folder: Path) -> Generated:
             )
             if stores and not user.stored:
                 windows = platform.window_of(user.tails, user.stamps_us)
-                error = None
+                seeded_error: str | None = None
                 if errors and errors[0][0] <= b and not resend and outcome == "ok":
-                    error = errors.pop(0)[1]
-                if error is not None:
+                    seeded_error = errors.pop(0)[1]
+                if seeded_error is not None:
                     seeded.append(
-                        f"{error} {user.process} batch at {now_us / 1e6:.3f}: {key(int(windows[0])).label()}"
+                        f"{seeded_error} {user.process} batch at {now_us / 1e6:.3f}: {key(int(windows[0])).label()}"
                     )
                     platform.store(user.tails[1:], windows[1:])
-                    if error != "lost":
-                        moved = windows[0] + (error == "moved")
+                    if seeded_error != "lost":
+                        moved = windows[0] + (seeded_error == "moved")
                         platform.store(user.tails[:1], np.array([moved]))
-                        if error == "doubled":
+                        if seeded_error == "doubled":
                             platform.store(user.tails[:1], windows[:1])
                 else:
                     platform.store(user.tails, windows)

@@ -99,7 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not containers:
         print("no harness stack is running")
         return 0
-    for container in sorted(containers, key=lambda c: c.name):
+    for container in sorted(containers, key=lambda c: c.name or ""):
         health = container.attrs["State"].get("Health", {}).get("Status", "-")
         print(
             f"{container.labels[RUN_LABEL]:28} {container.name:45} {container.status:10} {health}"
@@ -314,7 +314,7 @@ def _stack_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--report-dir", type=Path, default=ROOT / "reports" / "out")
 
 
-def _load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     load = sub.add_parser(
         "load",
         help="run a locust load profile with SLO gates and the exactly-once check",

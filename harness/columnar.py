@@ -565,12 +565,11 @@ class ColumnarHistory:
                 EPOCH + timedelta(microseconds=start),
                 window_seconds,
             )
+            rtt, jitter, loss, tput = (
+                int(x) << (_ULP_EXPONENT - s.shift) for x, s in zip(exact, scales, strict=True)
+            )
             windows[key] = _WindowSums(
-                n,
-                tuple(
-                    int(x) << (_ULP_EXPONENT - s.shift) for x, s in zip(exact, scales, strict=True)
-                ),
-                (rtt_min, rtt_max, jitter_max, loss_max, tput_min),
+                n, (rtt, jitter, loss, tput), (rtt_min, rtt_max, jitter_max, loss_max, tput_min)
             )
             total += n
         return windows, total

@@ -37,6 +37,11 @@ def _labelled(image: str, run_id: str) -> DockerContainer:
     )
 
 
+def _accepts_connections(dsn: str) -> bool:
+    with psycopg.connect(dsn, connect_timeout=2):
+        return True
+
+
 @contextmanager
 def postgres(run_id: str, image: str = "qoe/postgres:dev") -> Iterator[Service]:
     """A lone PostgreSQL primary (asynchronous: it has no replica to wait for)."""
@@ -52,7 +57,7 @@ def postgres(run_id: str, image: str = "qoe/postgres:dev") -> Iterator[Service]:
         host, port = container.get_container_host_ip(), container.get_exposed_port(5432)
         url = f"postgresql://qoe:{password}@{host}:{port}/qoe"
         _, took = wait_until(
-            lambda: psycopg.connect(url, connect_timeout=2).close() or True,
+            lambda: _accepts_connections(url),
             timeout_s=60,
             what=f"throwaway PostgreSQL from {image} accepting connections",
         )

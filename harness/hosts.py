@@ -535,7 +535,7 @@ class HostCgroup:
 # -- one host made here: network and engine --------------------------------------------------
 
 
-def _engine_answers(url: str, timeout_s: float = 3) -> bool:
+def _engine_answers(url: str, timeout_s: int = 3) -> bool:
     try:
         with docker.APIClient(base_url=url, timeout=timeout_s) as api:
             return bool(api.ping())
@@ -1161,7 +1161,8 @@ class Hosts:
                 RunRecord(**{**asdict(record), "swarm_manager": manager}).save()
 
     def _node_id(self, name: str) -> str:
-        return self.client(name).system.info().swarm.node_id or ""
+        swarm = self.client(name).system.info().swarm
+        return (swarm.node_id if swarm else None) or ""
 
     def node_states(self) -> dict[str, str]:
         """Each swarm node as the manager sees it: host name (label) or id -> status."""
@@ -1185,7 +1186,7 @@ class Hosts:
         only the ones it needs and lacks (same image id), hosts in parallel."""
         started = time.monotonic()
         default = docker.from_env()
-        wanted_ids: dict[str, str] = {}
+        wanted_ids: dict[str, str | None] = {}
         for ref in {r for refs in images_by_host.values() for r in refs}:
             try:
                 wanted_ids[ref] = default.images.get(ref).id

@@ -14,14 +14,15 @@ class DeadlineExceeded(AssertionError):
 
 
 def wait_until(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     *,
     timeout_s: float,
     what: str,
     interval_s: float = 0.05,
     describe: Callable[[], str] | None = None,
 ) -> tuple[T, float]:
-    """Poll `check` until it returns a truthy value; return (value, seconds waited).
+    """Poll `check` until it returns a truthy value; return (value, seconds waited). The
+    value is never None (a check may return None for "not yet").
 
     Exceptions raised by `check` count as "not yet" (the system may still be starting), and
     the last one is quoted if the deadline passes.

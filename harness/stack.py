@@ -23,10 +23,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import docker
+import docker.models.containers
 from python_on_whales import Container, DockerClient
 from python_on_whales.exceptions import DockerException
 
@@ -266,7 +268,7 @@ def remove_resources(
     for container in listed():
         if wanted(container.labels):
             runs.add(container.labels.get(RUN_LABEL, "?"))
-            _quietly(lambda c=container: c.remove(force=True, v=True), container.name)
+            _quietly(partial(container.remove, force=True, v=True), container.name)
     wait_until(
         lambda: not any(wanted(c.labels) for c in listed()),
         timeout_s=60,
@@ -281,7 +283,15 @@ def remove_resources(
     return runs
 
 
-def _quietly(remove: Callable[[], object], name: str) -> None:
+def stats_now(container: docker.models.containers.Container) -> dict[str, Any]:
+    """A container's resource counters as they are now (one_shot: without waiting for a
+    second sample)."""
+    # With stream=False docker-py returns the one dict; its stubs type every call's result
+    # as the streaming iterator or a dict.
+    return cast(dict[str, Any], container.stats(stream=False, one_shot=True))
+
+
+def _quietly(remove: Callable[[], object], name: str | None) -> None:
     try:
         remove()
     except docker.errors.NotFound:
@@ -312,6 +322,12 @@ def _forget_state(state_dir: Path) -> None:
         (state_dir / "stack.env").unlink(missing_ok=True)
     else:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _service_of(container: Container) -> str:
+    """The compose service a container runs (its name when compose did not label it)."""
+    labels = container.config.labels or {}
+    return labels.get("com.docker.compose.service") or container.name
 
 
 class ComposeStack:
@@ -428,10 +444,8 @@ class ComposeStack:
         used: dict[str, float] = {}
         client = docker.from_env()
         for container in client.containers.list(filters={"label": self._project_label()}):
-            # one_shot: the counters as they are now, without waiting for a second sample.
-            stats = container.stats(stream=False, one_shot=True)
-            service = container.labels.get("com.docker.compose.service", container.name)
-            used[service] = stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+            service = container.labels.get("com.docker.compose.service") or str(container.name)
+            used[service] = stats_now(container)["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
         return used
 
     def _remove_labelled(self) -> None:
@@ -517,11 +531,11 @@ class ComposeStack:
     def logs(self, services: list[str] | None = None, tail: int = 200) -> dict[str, str]:
         result: dict[str, str] = {}
         for container in self.docker.compose.ps(all=True):
-            service = container.config.labels.get("com.docker.compose.service", container.name)
+            service = _service_of(container)
             if services and service not in services:
                 continue
             try:
-                result[service] = self.docker.container.logs(container, tail=tail)
+                result[service] = container.logs(tail=tail)
             except DockerException as error:
                 result[service] = f"(logs unavailable: {error})"
         return result
@@ -543,7 +557,7 @@ class ComposeStack:
         self.docker.compose.start(list(services))
         for service in services:
             wait_until(
-                lambda s=service: self._publishing(s),
+                partial(self._publishing, service),
                 timeout_s=10,
                 what=f"{service} running and publishing its ports again",
             )
@@ -562,7 +576,7 @@ class ComposeStack:
         for container in self.docker.compose.ps(all=True):
             state = container.state
             health = state.health.status if state.health else None
-            service = container.config.labels.get("com.docker.compose.service", container.name)
+            service = _service_of(container)
             if state.running and health in (None, "healthy"):
                 continue
             last = ""
@@ -570,9 +584,7 @@ class ComposeStack:
                 last = (state.health.log[-1].output or "").strip()[-300:]
             status = f"{state.status}, health={health}, exit={state.exit_code}"
             problems.append(f"{service} ({status}) {last}".strip())
-            (failure_dir / f"{service}.log").write_text(
-                self.docker.container.logs(container, tail=300)
-            )
+            (failure_dir / f"{service}.log").write_text(container.logs(tail=300))
         listing = "; ".join(problems) or "no container reported unhealthy"
         return (
             f"stack {self.name} did not become healthy within {self.timeout_s} s: {listing}. "

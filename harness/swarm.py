@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from harness.stack import (
     _forget_state,
     log,
     reap_orphans,
+    stats_now,
 )
 
 OVERRIDES = ROOT / "stack" / "swarm" / "overrides.yml"
@@ -518,7 +520,7 @@ class SwarmStack:
             try:
                 engine = self._engine(host)
                 wait_until(
-                    lambda e=engine: not e.api.containers(all=True, filters=namespace),
+                    partial(_no_containers, engine, namespace),
                     timeout_s=60,
                     interval_s=0.5,
                     what=f"the containers of {self.name} gone from {host}",
@@ -636,11 +638,10 @@ class SwarmStack:
         prefix = f"{self.name}_"
         for host in self.hosts_in_use():
             engine = self._engine(host)
-            namespace = {"label": f"com.docker.stack.namespace={self.name}"}
-            for container in engine.containers.list(filters=namespace):
+            namespace = f"com.docker.stack.namespace={self.name}"
+            for container in engine.containers.list(filters={"label": namespace}):
                 service = container.labels["com.docker.swarm.service.name"].removeprefix(prefix)
-                stats = container.stats(stream=False, one_shot=True)
-                used[service] = stats["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+                used[service] = stats_now(container)["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
         return used
 
     def memory_mb(self) -> dict[str, float]:
@@ -651,7 +652,7 @@ class SwarmStack:
             engine = self._engine(name)
             total = 0.0
             for container in engine.containers.list():
-                memory = container.stats(stream=False, one_shot=True)["memory_stats"]
+                memory = stats_now(container)["memory_stats"]
                 cache = (memory.get("stats") or {}).get("total_inactive_file", 0)
                 total += (memory.get("usage", 0) - cache) / 2**20
             if self.hosts.host(name).local:
@@ -719,3 +720,8 @@ def _http_not_ok(url: str) -> str | None:
     if response.status_code == 200:
         return None
     return f"{url} answered {response.status_code}: {response.text.strip()[:200]}"
+
+
+def _no_containers(engine: docker.DockerClient, filters: dict[str, str]) -> bool:
+    """No container of the engine's, running or not, matches `filters`."""
+    return not engine.api.containers(all=True, filters=filters)

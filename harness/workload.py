@@ -194,9 +194,20 @@ def threshold_events(
         raise ValueError(f"side {side!r}: expected one of {', '.join(THRESHOLD_SIDES)}")
     step = timedelta(milliseconds=1)
     return [
-        Event(ids(), probe_id, target, ts + i * step, **{**_NEUTRAL, field: value})
+        Event(ids(), probe_id, target, ts + i * step, *_measurements(field, value))
         for i, value in enumerate(values)
     ]
+
+
+def _measurements(field: str, value: float) -> tuple[float, float, float, float]:
+    """An event's rtt, jitter, loss and throughput: neutral, but `field` at `value`."""
+    measured = {**_NEUTRAL, field: value}
+    return (
+        measured["rtt_ms"],
+        measured["jitter_ms"],
+        measured["loss_pct"],
+        measured["throughput_kbps"],
+    )
 
 
 class EventGenerator:

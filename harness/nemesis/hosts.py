@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 from python_on_whales import DockerClient
@@ -279,7 +280,7 @@ class HostFaults(NemesisCore):
         watch_node = swarm and host != self.hosts.manager
         node_id = self.hosts.node_id(host) if swarm else ""
 
-        def node_state() -> str:
+        def node_state() -> str | None:
             return self.manager.node.inspect(node_id).status.state
 
         def effect() -> bool:
@@ -292,8 +293,8 @@ class HostFaults(NemesisCore):
                 return False
             if not swarm:
                 return True
-            own = self.hosts.client(host).system.info().swarm.local_node_state
-            return own == "active" and node_state() == "ready"
+            own = self.hosts.client(host).system.info().swarm
+            return own is not None and own.local_node_state == "active" and node_state() == "ready"
 
         with self.fault(
             f"crash {host}",
@@ -326,7 +327,7 @@ class HostFaults(NemesisCore):
         def pause() -> None:
             for container in client.container.list():
                 wait_until(
-                    lambda c=container: _paused(client, c.id),
+                    partial(_paused, client, container.id),
                     timeout_s=20,
                     interval_s=0.5,
                     what=f"{container.name} on {host} paused",
@@ -388,7 +389,10 @@ class HostFaults(NemesisCore):
         if not running:
             raise NemesisError(f"service {service} has no running task to kill")
         task = running[0]
-        container_id = task.status.container_status.container_id
+        container_status = task.status.container_status
+        container_id = container_status.container_id if container_status else None
+        if container_id is None:  # a running task has its container; the manager may lag
+            raise NemesisError(f"the running task {task.id[:12]} of {service} names no container")
         host = self._host_of_node(task.node_id)
 
         def replaced() -> bool:

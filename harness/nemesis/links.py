@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -309,11 +309,16 @@ class LinkFaults(NemesisCore):
     def upstream_moved(self, proxies: Sequence[str], upstream: str) -> Iterator[Fault]:
         """Proxies pointed at another upstream for the body, then back where they were."""
         before = {p: self.upstream(p) for p in proxies}
+
+        def move() -> None:
+            for proxy in proxies:
+                self.toxiproxy.set_upstream(proxy, upstream)
+
         with self.fault(
             f"move {', '.join(proxies)}",
             f"upstream -> {upstream}",
-            inject=lambda: [self.toxiproxy.set_upstream(p, upstream) for p in proxies],
-            heal=[(lambda p=p, u=u: self.toxiproxy.set_upstream(p, u)) for p, u in before.items()],
+            inject=move,
+            heal=[partial(self.toxiproxy.set_upstream, p, u) for p, u in before.items()],
         ) as fault:
             yield fault
 
