@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import subprocess
 import sys
@@ -374,8 +375,13 @@ def _load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
+    # A non-number gets the same message: for a ValueError argparse would name this
+    # function ("invalid _positive value") rather than say what was expected.
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # nan too
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
     return value
 
