@@ -25,9 +25,22 @@ FUTURE_LIMIT = timedelta(minutes=5)
 
 EventId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+\Z")]
 ProbeId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+\Z")]
-Target = Annotated[str, Meta(min_length=1, max_length=255)]
 # Long enough for nanosecond fractions and an offset; the exact syntax is checked by parse_ts.
-Timestamp = Annotated[str, Meta(min_length=20, max_length=40)]
+# The description and format are what the published schema (qoe.openapi) says of the rules
+# a JSON Schema cannot state.
+Timestamp = Annotated[
+    str,
+    Meta(
+        min_length=20,
+        max_length=40,
+        description="RFC 3339 date-time with an offset ('Z' or +hh:mm), fraction up to 9 "
+        "digits (truncated to microseconds); at ingest within [now - 24 h, now + 5 min]",
+        extra_json_schema={"format": "date-time"},
+    ),
+]
+Target = Annotated[
+    str, Meta(min_length=1, max_length=255, description="printable UTF-8, no control characters")
+]
 Millis = Annotated[float, Meta(ge=0, le=60000)]
 Percent = Annotated[float, Meta(ge=0, le=100)]
 Kbps = Annotated[float, Meta(ge=0)]

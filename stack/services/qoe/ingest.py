@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Histogram
@@ -27,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from qoe import bugs, natsutil
+from qoe import bugs, natsutil, openapi
 from qoe.config import Env, get_float, parse_tokens
 from qoe.contract import (
     MAX_BODY_BYTES,
@@ -227,7 +228,16 @@ def create_app(
         with contextlib.suppress(PublishFailed):
             await publish_batch(publisher, events, settings.publish_timeout)
 
-    app = make_app(readiness, [Route("/v1/events", post_events, methods=["POST"])])
+    schema = Response(msgspec.json.encode(openapi.document()), media_type="application/json")
+
+    async def get_openapi(_: Request) -> Response:
+        return schema  # no token: the API's description is not a secret
+
+    routes = [
+        Route(openapi.EVENTS_PATH, post_events, methods=["POST"]),
+        Route("/openapi.json", get_openapi, methods=["GET"]),
+    ]
+    app = make_app(readiness, routes)
     app.state.background = background
     return app
 
