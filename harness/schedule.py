@@ -20,7 +20,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from harness.nemesis import Fault, Nemesis
-from harness.nemesis.registry import FAULTS, NamedFault, schedulable
+from harness.nemesis.registry import FAULTS, LINK, NamedFault, schedulable
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,17 @@ def run_schedule(
     faults: Mapping[str, NamedFault] = FAULTS,
 ) -> list[Fault]:
     """Apply the schedule while a workload runs. `progress(n)` must return once the workload
-    has completed n more operations. Returns the faults, in order, with their timings."""
+    has completed n more operations. Returns the faults, in order, with their timings.
+
+    A step's faults heal in the reverse order they were applied, and its link faults are
+    applied last, so healed first: a process brought back must reach what it needs (an
+    aggregator held down and its NATS link cut could not come back ready while the cut held).
+    """
     check_schedule(schedule, faults)
     done: list[Fault] = []
     for step in schedule.steps:
         with ExitStack() as held:
-            for name in step.faults:
+            for name in sorted(step.faults, key=lambda n: faults[n].needs == LINK):
                 fault = held.enter_context(faults[name].start(nemesis))
                 if isinstance(fault, Fault):
                     done.append(fault)

@@ -4,6 +4,7 @@ and heals them in order (also on failure), and a failing schedule shrinks to the
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from harness.schedule import (
     run_schedule,
     schedules,
 )
+from harness.stack import ServiceControl
 
 
 class FakeNemesis:
@@ -24,7 +26,9 @@ class FakeNemesis:
         self.log: list[str] = []
 
 
-def fake_faults(log: list[str], fail_on: str | None = None) -> dict[str, NamedFault]:
+def fake_faults(
+    log: list[str], fail_on: str | None = None, names: tuple[str, ...] = ("a", "b", "c")
+) -> dict[str, NamedFault]:
     def factory(name: str):
         @contextmanager
         def fault(_nemesis):
@@ -40,7 +44,7 @@ def fake_faults(log: list[str], fail_on: str | None = None) -> dict[str, NamedFa
 
         return fault
 
-    return {name: NamedFault(name, f"fake {name}", factory(name)) for name in ("a", "b", "c")}
+    return {name: NamedFault(name, f"fake {name}", factory(name)) for name in names}
 
 
 @given(schedules())
@@ -87,6 +91,22 @@ def test_run_schedule_nests_each_step_and_heals_before_the_next():
         "heal c",
     ]
     assert [f.name for f in faults] == ["a", "b", "c"]
+
+
+def test_a_step_heals_its_links_before_it_brings_processes_back():
+    """Drawn as [link, process], applied as [process, link]: the link heals first, so the
+    process comes back to a network it can reach (CI: an aggregator held down with its NATS
+    link cut never came back ready while the cut held)."""
+    log: list[str] = []
+    faults = fake_faults(log, names=("a", "p"))
+    faults["p"] = replace(faults["p"], needs=(ServiceControl,))  # a process fault
+    run_schedule(
+        Schedule((Step(("a", "p")),)),
+        FakeNemesis(),  # type: ignore[arg-type]
+        lambda n: None,
+        faults,
+    )
+    assert log == ["inject p", "inject a", "heal a", "heal p"]
 
 
 def test_a_failing_fault_still_heals_the_ones_already_in():
