@@ -203,7 +203,7 @@ def _suspects(
 class _Vector(tuple[float, float, float, float]):
     """The four sums of an aggregate (rtt, jitter, loss, throughput)."""
 
-    def __sub__(self, other: _Vector) -> _Vector:  # type: ignore[override]
+    def __sub__(self, other: _Vector) -> _Vector:
         return _Vector(a - b for a, b in zip(self, other, strict=True))
 
 

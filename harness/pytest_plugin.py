@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 import pytest
@@ -40,6 +40,9 @@ from harness.stack import (
     new_run_id,
     open_stack,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeForm
 from harness.workload import EventGenerator, IngestClient
 
 MARKERS = {
@@ -242,12 +245,15 @@ def stack(request: pytest.FixtureRequest, run: Run) -> Iterator[Stack]:
 Capability = TypeVar("Capability")
 
 
-def require(stack: Stack, capability: type[Capability], why: str) -> Capability:
+def require(stack: Stack, capability: TypeForm[Capability], why: str) -> Capability:
     """The stack as `capability` (ServiceControl, Reconfigurable, Metered: harness.stack);
     the scenario is skipped, saying why, when its stack lacks it."""
-    if not isinstance(stack, capability):
-        pytest.skip(f"{why}: the {stack.name} stack has no {capability.__name__}")
-    return stack
+    # TypeForm, not type[...]: the capabilities are Protocols, which mypy does not take where
+    # a type[...] is expected; they are runtime-checkable, so isinstance works on them.
+    protocol = cast(type, capability)
+    if not isinstance(stack, protocol):
+        pytest.skip(f"{why}: the {stack.name} stack has no {protocol.__name__}")
+    return cast(Capability, stack)
 
 
 @pytest.fixture
