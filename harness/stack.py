@@ -330,34 +330,39 @@ def _service_of(container: Container) -> str:
     return labels.get("com.docker.compose.service") or container.name
 
 
-class ComposeStack:
-    """The reference stack as one compose project of the tier files, on the default engine.
+class StackEnv:
+    """A stack's environment file (`<state dir>/stack.env`, mode 600): the run's secrets, made
+    per run (a kept stack reuses the ones it was created with), and its settings. Compose reads
+    it as its env file; the swarm backend interpolates its deploy file from it."""
 
-    A Stack with every capability: ServiceControl, Reconfigurable, Metered."""
+    def __init__(self, state_dir: Path, run_id: str, keep: bool) -> None:
+        self.path = state_dir / "stack.env"
+        self.run_id = run_id
+        self.keep = keep
 
-    def __init__(self, options: StackOptions) -> None:
-        self.run_id = options.run_id
-        self.name = options.project or f"qoe-{options.run_id}"
-        self.settings = options.settings
-        self.keep = options.keep
-        self.timeout_s = options.timeout_s
-        self.state_dir = options.state_dir / self.name
-        self.env_file = self.state_dir / "stack.env"
-        self.endpoints_file = self.state_dir / "endpoints.json"
-        self.docker = DockerClient(
-            compose_files=[COMPOSE_DIR / f for f in TIER_FILES],
-            compose_project_name=self.name,
-            compose_env_files=[self.env_file],
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> dict[str, str]:
+        return dict(
+            line.split("=", 1) for line in self.path.read_text().splitlines() if "=" in line
         )
-        self._api: docker.APIClient | None = None  # for reads cheap enough to poll
-        self.bring_up_s: float | None = None
 
-    # -- secrets and settings -------------------------------------------------------------
+    def write(self, settings: StackSettings) -> dict[str, str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **self._secrets(),
+            **settings.environment(),
+            "QOE_HARNESS_RUN": self.run_id,
+            "QOE_HARNESS_PID": "0" if self.keep else str(os.getpid()),
+        }
+        self.path.touch(mode=0o600)
+        self.path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        return env
 
     def _secrets(self) -> dict[str, str]:
-        """Per-run secrets; a kept stack reuses the ones it was created with."""
-        if self.env_file.exists():
-            existing = self._env()
+        if self.exists():
+            existing = self.read()
             if "POSTGRES_PASSWORD" in existing:
                 return {
                     k: existing[k] for k in existing if k.endswith(("PASSWORD", "TOKEN", "TOKENS"))
@@ -375,28 +380,77 @@ class ComposeStack:
             "LOAD_TOKEN": tokens["load"],
         }
 
-    def _write_env(self) -> dict[str, str]:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **self._secrets(),
-            **self.settings.environment(),
-            "QOE_HARNESS_RUN": self.run_id,
-            "QOE_HARNESS_PID": "0" if self.keep else str(os.getpid()),
-        }
-        self.env_file.touch(mode=0o600)
-        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-        return env
+
+def build_images() -> None:
+    """Build (or find, by content hash) the stack's images; seconds when nothing changed."""
+    subprocess.run([sys.executable, str(ROOT / "stack" / "build.py")], check=True)
+
+
+def _everyone(services: Sequence[str], port: int) -> list[str]:
+    return list(services)
+
+
+def contract_endpoints(
+    locate: Callable[[str, int], str],
+    env: Mapping[str, str],
+    window_s: int,
+    present: Callable[[Sequence[str], int], list[str]] = _everyone,
+) -> Endpoints:
+    """The contract's endpoints of the reference stack, whatever runs it: `locate(service,
+    container_port)` is "address:port" where the harness reaches that port; `present(services,
+    port)` the services reachable on it now (all, unless a backend knows some are down). The
+    harness's own ways in (ingest, database, Toxiproxy's API) all go through Toxiproxy."""
+    password = env["POSTGRES_PASSWORD"]
+
+    def url(scheme: str, service: str, port: int) -> str:
+        return f"{scheme}://{locate(service, port)}"
+
+    return Endpoints(
+        ingest_urls=(url("http", "toxiproxy", 18011), url("http", "toxiproxy", 18012)),
+        ingest_token=env["HARNESS_TOKEN"],
+        database_dsn=f"postgresql://qoe:{password}@{locate('toxiproxy', 15439)}/qoe",
+        nats_urls=tuple(url("nats", node, 4222) for node in present(NATS_NODES, 4222)),
+        toxiproxy_url=url("http", "toxiproxy", 8474),
+        services={name: url("http", name, 8080) for name in present(HTTP_SERVICES, 8080)},
+        nats_monitors={node: url("http", node, 8222) for node in present(NATS_NODES, 8222)},
+        postgres_nodes={
+            node: f"postgresql://qoe:{password}@{locate(node, 5432)}/qoe"
+            for node in present(POSTGRES_NODES, 5432)
+        },
+        window_seconds=window_s,
+    )
+
+
+class ComposeStack:
+    """The reference stack as one compose project of the tier files, on the default engine.
+
+    A Stack with every capability: ServiceControl, Reconfigurable, Metered."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.run_id = options.run_id
+        self.name = options.project or f"qoe-{options.run_id}"
+        self.settings = options.settings
+        self.keep = options.keep
+        self.timeout_s = options.timeout_s
+        self.state_dir = options.state_dir / self.name
+        self.env = StackEnv(self.state_dir, self.run_id, self.keep)
+        self.endpoints_file = self.state_dir / "endpoints.json"
+        self.docker = DockerClient(
+            compose_files=[COMPOSE_DIR / f for f in TIER_FILES],
+            compose_project_name=self.name,
+            compose_env_files=[self.env.path],
+        )
+        self._api: docker.APIClient | None = None  # for reads cheap enough to poll
+        self.bring_up_s: float | None = None
+
+    # -- secrets and settings -------------------------------------------------------------
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def build_images(self) -> None:
-        """Build (or find, by content hash) the stack's images; seconds when nothing changed."""
-        subprocess.run([sys.executable, str(ROOT / "stack" / "build.py")], check=True)
-
     def up(self) -> Endpoints:
         reap_orphans()
-        self.build_images()
-        env = self._write_env()
+        build_images()
+        env = self.env.write(self.settings)
         started = time.monotonic()
         log(f"bringing up compose project {self.name} (timeout {self.timeout_s} s)")
         try:
@@ -412,7 +466,7 @@ class ComposeStack:
     def apply(self, settings: StackSettings) -> Endpoints:
         """Reconfigure a running stack: compose recreates only the services whose config changed."""
         self.settings = settings
-        env = self._write_env()
+        env = self.env.write(settings)
         started = time.monotonic()
         try:
             self.docker.compose.up(detach=True, wait=True, wait_timeout=self.timeout_s, quiet=True)
@@ -431,7 +485,7 @@ class ComposeStack:
         try:
             # Without its env file compose cannot even parse the project: nothing was brought
             # up from this folder, and anything labelled with the run goes below.
-            if self.env_file.exists():
+            if self.env.exists():
                 self.docker.compose.down(volumes=True, remove_orphans=True, timeout=5, quiet=True)
         finally:
             self._remove_labelled()
@@ -460,9 +514,9 @@ class ComposeStack:
         than keeping an old copy. A service publishing nothing at the moment (stopped, or off
         its network) is left out of `services`, `nats_urls`, `nats_monitors` and
         `postgres_nodes`. One call to the Docker API: cheap enough to poll."""
-        if not self.env_file.exists():
-            raise StackError(f"{self.name} is not up (no {self.env_file}); call up() first")
-        return self._discover(self._env(), complete=False)
+        if not self.env.exists():
+            raise StackError(f"{self.name} is not up (no {self.env.path}); call up() first")
+        return self._discover(self.env.read(), complete=False)
 
     def _project_label(self) -> str:
         return f"com.docker.compose.project={self.name}"
@@ -482,7 +536,7 @@ class ComposeStack:
     def _discover(self, env: Mapping[str, str], *, complete: bool) -> Endpoints:
         """Endpoints from the published ports; `complete`: every service must publish its
         ports (after bring-up), else those that do not are left out. The harness's own ways
-        in (ingest, database, Toxiproxy's API) all go through Toxiproxy, which must run."""
+        in go through Toxiproxy, which must run."""
         published = self._published_ports()
 
         def port(service: str, private: int) -> int:
@@ -494,9 +548,6 @@ class ComposeStack:
                 )
             return found
 
-        def url(scheme: str, service: str, private: int) -> str:
-            return f"{scheme}://127.0.0.1:{port(service, private)}"
-
         def present(services: Sequence[str], private: int) -> list[str]:
             """The services publishing `private` now; with `complete`, all of them."""
             if complete:
@@ -504,26 +555,11 @@ class ComposeStack:
                     port(service, private)
             return [s for s in services if (s, private) in published]
 
-        password = env["POSTGRES_PASSWORD"]
-        db_port = port("toxiproxy", 15439)
-        return Endpoints(
-            ingest_urls=(url("http", "toxiproxy", 18011), url("http", "toxiproxy", 18012)),
-            ingest_token=env["HARNESS_TOKEN"],
-            database_dsn=f"postgresql://qoe:{password}@127.0.0.1:{db_port}/qoe",
-            nats_urls=tuple(url("nats", node, 4222) for node in present(NATS_NODES, 4222)),
-            toxiproxy_url=url("http", "toxiproxy", 8474),
-            services={name: url("http", name, 8080) for name in present(HTTP_SERVICES, 8080)},
-            nats_monitors={node: url("http", node, 8222) for node in present(NATS_NODES, 8222)},
-            postgres_nodes={
-                node: f"postgresql://qoe:{password}@127.0.0.1:{port(node, 5432)}/qoe"
-                for node in present(POSTGRES_NODES, 5432)
-            },
-            window_seconds=self.settings.window_s,
-        )
-
-    def _env(self) -> dict[str, str]:
-        return dict(
-            line.split("=", 1) for line in self.env_file.read_text().splitlines() if "=" in line
+        return contract_endpoints(
+            lambda service, private: f"127.0.0.1:{port(service, private)}",
+            env,
+            self.settings.window_s,
+            present,
         )
 
     # -- diagnostics ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -37,17 +37,16 @@ from harness.hosts import Hosts, HostsError, engine_rss_mb, reap_orphaned_hosts
 from harness.polling import DeadlineExceeded, wait_until
 from harness.stack import (
     COMPOSE_DIR,
-    HTTP_SERVICES,
-    NATS_NODES,
-    POSTGRES_NODES,
     ROOT,
     TIER_FILES,
-    ComposeStack,
     Endpoints,
+    StackEnv,
     StackError,
     StackOptions,
     StackSettings,
     _forget_state,
+    build_images,
+    contract_endpoints,
     log,
     reap_orphans,
     stats_now,
@@ -192,32 +191,6 @@ def images_by_host(placed: Mapping[str, Placed]) -> dict[str, list[str]]:
     return {host: sorted(images) for host, images in sorted(by_host.items())}
 
 
-def contract_endpoints(
-    locate: Callable[[str, int], str], env: Mapping[str, str], window_s: int
-) -> Endpoints:
-    """The contract's endpoints; `locate(service, container_port)` is "address:port" where
-    the harness reaches that port. (The same mapping as ComposeStack._discover; one of them
-    goes once harness/stack.py offers it.)"""
-    password = env["POSTGRES_PASSWORD"]
-
-    def url(scheme: str, service: str, port: int) -> str:
-        return f"{scheme}://{locate(service, port)}"
-
-    return Endpoints(
-        ingest_urls=(url("http", "toxiproxy", 18011), url("http", "toxiproxy", 18012)),
-        ingest_token=env["HARNESS_TOKEN"],
-        database_dsn=f"postgresql://qoe:{password}@{locate('toxiproxy', 15439)}/qoe",
-        nats_urls=tuple(url("nats", node, 4222) for node in NATS_NODES),
-        toxiproxy_url=url("http", "toxiproxy", 8474),
-        services={name: url("http", name, 8080) for name in HTTP_SERVICES},
-        nats_monitors={node: url("http", node, 8222) for node in NATS_NODES},
-        postgres_nodes={
-            node: f"postgresql://qoe:{password}@{locate(node, 5432)}/qoe" for node in POSTGRES_NODES
-        },
-        window_seconds=window_s,
-    )
-
-
 def swarm_endpoints(
     placed: Mapping[str, Placed],
     addresses: Mapping[str, str],
@@ -303,9 +276,7 @@ class SwarmStack:
         self.endpoints_file = self.state_dir / "endpoints.json"
         self.deploy_path = self.state_dir / "stack.yml"  # interpolated: holds the secrets
         self.hosts_file = options.hosts_file
-        # Per-run secrets exactly as the compose backend makes them (.run/<name>/stack.env).
-        self._secrets = ComposeStack(options)
-        self.env_file = self._secrets.env_file
+        self.env = StackEnv(self.state_dir, self.run_id, self.keep)
         self.placed = placement(deploy_file(render(self.name, None)))
         if MANAGER not in host_names(self.placed):
             raise StackError(f"the swarm manager {MANAGER} runs no service of {OVERRIDES}")
@@ -331,7 +302,7 @@ class SwarmStack:
         self.phases_s = {}
         try:
             with self._phase("build"):
-                self._secrets.build_images()
+                build_images()
             with self._phase("hosts"):
                 self.hosts.up()
             with self._phase("swarm"):
@@ -359,12 +330,12 @@ class SwarmStack:
     def endpoints(self) -> Endpoints:
         """The endpoints as they are now: pinned services on fixed host-mode ports do not move
         when a task restarts, so this is the deploy file at the hosts' addresses."""
-        return self._endpoints(self._secrets._env())
+        return self._endpoints(self.env.read())
 
     def apply(self, settings: StackSettings) -> Endpoints:
         """New settings on the running stack: redeployed; the swarm updates the services whose
         definition changed (stop first), and those are awaited healthy in a new task."""
-        self.settings = self._secrets.settings = settings
+        self.settings = settings
         # What is deployed now: this process's last deploy, or the file a kept stack was
         # deployed from (a new process reconfiguring it).
         if not self._deployed and self.deploy_path.exists():
@@ -412,8 +383,8 @@ class SwarmStack:
     def _deploy(self) -> dict[str, str]:
         """Secrets and settings into the env file, the deploy file rendered from it (mode 600:
         it holds the secrets), and `docker stack deploy` on the manager."""
-        env = self._secrets._write_env()
-        deploy = deploy_file(render(self.name, self.env_file))
+        env = self.env.write(self.settings)
+        deploy = deploy_file(render(self.name, self.env.path))
         self.placed = placement(deploy)
         self.deploy_path.touch(mode=0o600)
         self.deploy_path.write_text(json.dumps(deploy, indent=2) + "\n")  # JSON is YAML
@@ -453,7 +424,7 @@ class SwarmStack:
         services that are not ready with what they last said, and saves their logs."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         pending = set(services)
-        endpoints = self._endpoints(self._secrets._env())
+        endpoints = self._endpoints(self.env.read())
         started = last_report = time.monotonic()
         states: dict[str, TaskState] = {}
 

@@ -46,7 +46,7 @@ def test_bad_options_are_clear_errors(tmp_path, monkeypatch):
 def compose_with_ports(tmp_path, ports: dict[tuple[str, int], int]) -> ComposeStack:
     stack = ComposeStack(StackOptions(run_id="t", state_dir=tmp_path))
     stack.state_dir.mkdir(parents=True)
-    stack.env_file.write_text("POSTGRES_PASSWORD=pw\nHARNESS_TOKEN=tok\n")
+    stack.env.path.write_text("POSTGRES_PASSWORD=pw\nHARNESS_TOKEN=tok\n")
     stack._published_ports = lambda: dict(ports)  # type: ignore[method-assign]
     return stack
 
@@ -80,11 +80,11 @@ def test_after_bring_up_every_service_must_publish(tmp_path):
         **{(n, 5432): 43000 + i for i, n in enumerate(POSTGRES_NODES)},
     }
     stack = compose_with_ports(tmp_path, everything)
-    assert len(stack._discover(stack._env(), complete=True).services) == len(HTTP_SERVICES)
+    assert len(stack._discover(stack.env.read(), complete=True).services) == len(HTTP_SERVICES)
     del everything[("ingest-2", 8080)]
     stack = compose_with_ports(tmp_path / "again", everything)
     with pytest.raises(StackError, match="ingest-2 of qoe-t publishes no port for 8080"):
-        stack._discover(stack._env(), complete=True)
+        stack._discover(stack.env.read(), complete=True)
 
 
 def test_without_toxiproxy_there_are_no_endpoints(tmp_path):
