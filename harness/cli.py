@@ -23,6 +23,7 @@ from harness.stack import (
     StackError,
     StackOptions,
     StackSettings,
+    kept_project,
     open_stack,
     reap_orphans,
 )
@@ -30,7 +31,6 @@ from harness.stack import (
 if TYPE_CHECKING:
     from harness.load import LoadPlan
 
-REUSE_PROJECT = "qoe-dev"
 SUITES: dict[str, list[str]] = {
     "smoke": ["scenarios", "-m", "smoke"],
     "e2e": ["scenarios", "-m", "e2e"],
@@ -54,8 +54,8 @@ def _kept_stack_options(args: argparse.Namespace, *, keep: bool = True) -> Stack
     """The kept stack (`up`, `down`, `fault`, --reuse-stack): one fixed project, left up."""
     return StackOptions(
         backend=args.stack,
-        run_id=REUSE_PROJECT,
-        project=REUSE_PROJECT,
+        run_id=kept_project(args.stack),
+        project=kept_project(args.stack),
         state_dir=STATE_DIR,
         keep=keep,
         hosts_file=args.hosts,
@@ -309,7 +309,9 @@ def _stack_options(command: argparse.ArgumentParser) -> None:
     _backend_options(command, BACKENDS)
     command.add_argument("--stack-endpoints", type=Path, help="with --stack external")
     command.add_argument(
-        "--reuse-stack", action="store_true", help=f"use the kept stack {REUSE_PROJECT}"
+        "--reuse-stack",
+        action="store_true",
+        help="use the kept stack (qoe-dev; qoe-dev-swarm with --stack swarm)",
     )
     command.add_argument("--stream-replicas", type=int, default=3, help="compose: default 3")
     command.add_argument("--report-dir", type=Path, default=ROOT / "reports" / "out")
@@ -398,7 +400,9 @@ def _fault_help() -> tuple[list[str], str]:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help=f"bring up a kept stack ({REUSE_PROJECT}) for local iteration")
+    up = sub.add_parser(
+        "up", help="bring up a kept stack (qoe-dev, qoe-dev-swarm) for local iteration"
+    )
     _backend_options(up, KEPT_BACKENDS)
     down = sub.add_parser("down", help="remove the kept stack and anything killed runs left behind")
     _backend_options(down, KEPT_BACKENDS)
@@ -412,7 +416,7 @@ def parser() -> argparse.ArgumentParser:
     names, listing = _fault_help()
     fault = sub.add_parser(
         "fault",
-        help=f"hold a named fault on the kept stack ({REUSE_PROJECT}), then heal it",
+        help="hold a named fault on the kept stack (qoe-dev, qoe-dev-swarm), then heal it",
         description=f"Hold a named fault on the kept stack, then heal it. Faults:\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -37,6 +37,7 @@ from harness.stack import (
     StackError,
     StackOptions,
     StackSettings,
+    kept_project,
     new_run_id,
     open_stack,
 )
@@ -59,7 +60,6 @@ MARKERS = {
     "component": "one real service in a throwaway container (testcontainers)",
     "multihost": "host faults on a stack spread over Docker hosts (--stack swarm)",
 }
-REUSE_PROJECT = "qoe-dev"
 
 # Every profile runs examples against the live stack through function-scoped fixtures (one
 # stack, reused by each example on purpose), with no per-example deadline: a network round trip
@@ -95,7 +95,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--reuse-stack",
         action="store_true",
-        help=f"keep the compose stack ({REUSE_PROJECT}) up after the run and reuse it next time",
+        help="keep the stack (qoe-dev; qoe-dev-swarm with --stack swarm) up after the run and "
+        "reuse it next time",
     )
     group.addoption("--run-seed", type=int, help="seed of every generator (default: random)")
     group.addoption(
@@ -205,10 +206,11 @@ def run(request: pytest.FixtureRequest) -> Run:
 def stack_options(config: pytest.Config, run_id: str) -> StackOptions:
     """The run's StackOptions from the command line (the only place pytest options are read)."""
     reuse = config.getoption("--reuse-stack")
+    backend = config.getoption("--stack")
     return StackOptions(
-        backend=config.getoption("--stack"),
-        run_id=REUSE_PROJECT if reuse else run_id,
-        project=REUSE_PROJECT if reuse else None,
+        backend=backend,
+        run_id=kept_project(backend) if reuse else run_id,
+        project=kept_project(backend) if reuse else None,
         keep=reuse,
         timeout_s=config.getoption("--stack-timeout"),
         endpoints_file=config.getoption("--stack-endpoints"),

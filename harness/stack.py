@@ -154,6 +154,12 @@ def new_run_id() -> str:
 BACKENDS = ("compose", "external", "swarm")
 
 
+def kept_project(backend: str) -> str:
+    """The kept stack's name (`up`, `down`, `fault`, `--reuse-stack`): one per backend, so a
+    kept swarm stack and a kept compose stack never share a name or a state folder."""
+    return "qoe-dev" if backend == "compose" else f"qoe-dev-{backend}"
+
+
 @dataclass(frozen=True)
 class StackOptions:
     """How a run wants its stack; built from pytest options or CLI args, nowhere else."""

@@ -219,7 +219,11 @@ def test_up_brings_up_the_kept_stack_on_the_backend_asked_for(
 ) -> None:
     assert cli.main(["up", "--stack", "swarm", "--hosts", "machines.txt"]) == 0
     ((options, stack),) = opened
-    assert (options.backend, options.project, options.run_id) == ("swarm", "qoe-dev", "qoe-dev")
+    assert (options.backend, options.project, options.run_id) == (
+        "swarm",
+        "qoe-dev-swarm",
+        "qoe-dev-swarm",
+    )
     assert (options.keep, options.hosts_file) == (True, Path("machines.txt"))
     assert stack.asked == ["up"]
     assert "python -m harness run smoke --reuse-stack --stack swarm" in capsys.readouterr().out

@@ -164,9 +164,11 @@ def test_reuse_stack_asks_for_the_kept_project(
 ) -> None:
     opened = fake_stack(monkeypatch)
     pytester.makepyfile("def test_uses_the_stack(stack):\n    pass\n")
-    run_pytest(pytester, report_dir, "--stack=external", "--reuse-stack").assert_outcomes(passed=1)
-    (options,) = opened.options
-    assert (options.run_id, options.project, options.keep) == ("qoe-dev", "qoe-dev", True)
+    run_pytest(pytester, report_dir, "--reuse-stack").assert_outcomes(passed=1)
+    run_pytest(pytester, report_dir, "--stack=swarm", "--reuse-stack").assert_outcomes(passed=1)
+    compose, swarm = opened.options  # one kept stack per backend: they never share a name
+    assert (compose.run_id, compose.project, compose.keep) == ("qoe-dev", "qoe-dev", True)
+    assert (swarm.run_id, swarm.project, swarm.keep) == ("qoe-dev-swarm", "qoe-dev-swarm", True)
 
 
 def test_an_external_stack_without_endpoints_says_what_to_pass(
