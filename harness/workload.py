@@ -40,6 +40,7 @@ __all__ = [
     "MAX_EVENTS",
     "MAX_EVENT_ID",
     "MAX_MILLIS",
+    "MAX_KBPS",
     "MAX_PERCENT",
     "MAX_PROBE_ID",
     "MAX_TARGET",
@@ -90,6 +91,7 @@ MAX_PROBE_ID = 64  # of A-Za-z0-9._-
 MAX_TARGET = 255  # characters (code points) of printable UTF-8
 MAX_MILLIS = 60_000.0  # rtt_ms, jitter_ms
 MAX_PERCENT = 100.0  # loss_pct
+MAX_KBPS = 1e9  # throughput_kbps: a window's sum of them stays finite
 PAST_LIMIT_S = 24 * 3600  # ts >= now - 24 h at ingest
 FUTURE_LIMIT_S = 5 * 60  # ts <= now + 5 min at ingest
 # One step from a time bound. The ingest's clock is read between the request leaving and its
@@ -126,8 +128,7 @@ _VALUE_BOUNDS: dict[str, tuple[float, ...]] = {
     "rtt_ms": (0.0, 5e-324, math.nextafter(MAX_MILLIS, 0.0), MAX_MILLIS),
     "jitter_ms": (0.0, 5e-324, math.nextafter(MAX_MILLIS, 0.0), MAX_MILLIS),
     "loss_pct": (0.0, 5e-324, math.nextafter(MAX_PERCENT, 0.0), MAX_PERCENT),
-    # finite is its only upper bound; huge values would overflow a window's sum
-    "throughput_kbps": (0.0, 5e-324),
+    "throughput_kbps": (0.0, 5e-324, math.nextafter(MAX_KBPS, 0.0), MAX_KBPS),
 }
 
 # The value each diagnosis rule averages, and where its threshold is in Rules.

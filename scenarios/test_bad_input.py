@@ -30,6 +30,7 @@ from harness.workload import (
     MAX_BODY_BYTES,
     MAX_EVENT_ID,
     MAX_EVENTS,
+    MAX_KBPS,
     MAX_MILLIS,
     MAX_PERCENT,
     MAX_PROBE_ID,
@@ -141,6 +142,7 @@ def bad_cases(generator: EventGenerator, token: str, now: float) -> list[Case]:
         with_field("jitter_ms", BEYOND_ZERO),
         with_field("loss_pct", math.nextafter(MAX_PERCENT, math.inf)),
         with_field("loss_pct", BEYOND_ZERO),
+        with_field("throughput_kbps", math.nextafter(MAX_KBPS, math.inf)),
         with_field("throughput_kbps", BEYOND_ZERO),
         Case(
             "throughput 1e999 (infinite)",

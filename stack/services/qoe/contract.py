@@ -43,7 +43,9 @@ Target = Annotated[
 ]
 Millis = Annotated[float, Meta(ge=0, le=60000)]
 Percent = Annotated[float, Meta(ge=0, le=100)]
-Kbps = Annotated[float, Meta(ge=0)]
+# Bounded so that a window's sum stays finite: an unbounded (merely finite) value let two
+# events overflow the aggregate's double precision sum, a poison message for the aggregators.
+Kbps = Annotated[float, Meta(ge=0, le=1e9)]
 
 FLOAT_FIELDS = ("rtt_ms", "jitter_ms", "loss_pct", "throughput_kbps")
 
