@@ -185,6 +185,9 @@ class Operation:
     # Events of the batch left out of this record: a load run's history keeps them in its
     # outcome files (harness.columnar), the operation only says how many there were.
     events_omitted: int = 0
+    # When a load run's schedule meant the batch to go out (invoked_at is when it went);
+    # None: the client sent it when it chose to (no schedule).
+    intended_at: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -203,6 +206,7 @@ class Operation:
             "duplicates": self.duplicates,
             "events": [e.to_wire() for e in self.events],
             "events_omitted": self.events_omitted,
+            "intended_at": self.intended_at,
         }
 
     @classmethod
@@ -218,6 +222,7 @@ class Operation:
             error=str(d.get("error", "")),
             duplicates=None if d.get("duplicates") is None else int(d["duplicates"]),
             events_omitted=int(d.get("events_omitted", 0)),
+            intended_at=None if d.get("intended_at") is None else float(d["intended_at"]),
         )
 
 
