@@ -1,11 +1,14 @@
 """The capacity benchmark: how much the reference stack sustains on this machine.
 
-For each stream replica count it brings up a fresh compose stack, raises the offered rate in
+For each stream replica count it brings up a fresh compose stack, measures the stack's ceilings
+(harness.ceiling: JetStream's publish rate and the aggregators' backlog rate, each on its own),
+raises the offered rate in
 steps until a stage stops holding (errors, falling behind the offered rate, or end-to-end
 freshness), bisects twice between the last stage that held and the first that did not, takes
 the highest stage that held as the maximum sustainable rate, then runs
 steady load at 50 % and 90 % of it for latency percentiles, freshness lag and the load
-generator's own cost, and proves the 50 % run exactly-once. Writes benchmark.json and a
+generator's own cost, and proves the 50 % run exactly-once. The maximum is also given as a share
+of each ceiling, a figure that does not depend on the machine's speed. Writes benchmark.json and a
 self-contained benchmark.html (inline SVG plots) under reports/out/<run-id>/.
 """
 
@@ -22,6 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from harness.ceiling import Ceiling, aggregation_ceiling, jetstream_publish_ceiling
 from harness.load import (
     LOAD_HEALTH_INTERVAL_S,
     LoadResult,
@@ -37,6 +41,8 @@ from harness.report import inline_svg
 from harness.stack import (
     Endpoints,
     Metered,
+    ServiceControl,
+    Stack,
     StackError,
     StackOptions,
     StackSettings,
@@ -198,7 +204,10 @@ def measure(
     )
     try:
         endpoints = stack.up()
-        log(f"R{replicas}: stack up in {stack.bring_up_s:.0f}s; step over {list(rates)}")
+        log(f"R{replicas}: stack up in {stack.bring_up_s:.0f}s")
+        ceilings = measure_ceilings(stack, endpoints, log)
+        drained(endpoints, log)
+        log(f"R{replicas}: step over {list(rates)}")
         step = run_step(endpoints, base, rates, out_dir / "step", slo=HOLD, check=False)
         stages = step.to_dict()["stages"]
         if step.held_rate and len(step.stages) > 1 and step.stages[-1].breaches:
@@ -212,6 +221,8 @@ def measure(
         out: dict[str, Any] = {
             "stream_replicas": replicas,
             "bring_up_s": stack.bring_up_s,
+            "ceilings": {name: c.to_dict() for name, c in ceilings.items()},
+            "share_of_ceiling": shares_of(max_rate, ceilings),
             "stages": [{k: v for k, v in s.items()} for s in stages],
             "max_sustainable_events_per_s": max_rate,
             "max_offered_that_held": best["rate"] if best else None,
@@ -240,6 +251,34 @@ def measure(
         return out
     finally:
         stack.down()
+
+
+AGGREGATORS = ("aggregator-1", "aggregator-2")
+
+
+def measure_ceilings(stack: Stack, endpoints: Endpoints, log: Any) -> dict[str, Ceiling]:
+    """The stack's own parts on their own (harness.ceiling), before any load: the JetStream
+    publish ceiling always, the aggregation ceiling where the backend can pause services."""
+    ceilings = {"jetstream_publish": jetstream_publish_ceiling(endpoints.nats_urls)}
+    if isinstance(stack, ServiceControl):
+        aggregators = [stack.container(name) for name in AGGREGATORS]
+        ceilings["aggregation"] = aggregation_ceiling(
+            endpoints.nats_urls, aggregators, run=f"{stack.name}-ceiling"
+        )
+    else:
+        log(f"no aggregation ceiling: {stack.name} cannot pause its aggregators")
+    for ceiling in ceilings.values():
+        log(ceiling.line())
+    return ceilings
+
+
+def shares_of(max_rate: float | None, ceilings: Mapping[str, Ceiling]) -> dict[str, float]:
+    """The end-to-end maximum as a fraction of each ceiling measured on the same stack."""
+    if not max_rate:
+        return {}
+    return {
+        name: round(max_rate / c.events_per_s, 3) for name, c in ceilings.items() if c.events_per_s
+    }
 
 
 def drained(endpoints: Endpoints, log: Any) -> None:
@@ -368,6 +407,31 @@ def cpu_table(results: Mapping[str, Any]) -> str:
     return f"<table>{head}</tr>{''.join(body)}{total}</tr></table>"
 
 
+def ceiling_table(results: Mapping[str, Any]) -> str:
+    """Each stack's ceilings and the end-to-end maximum as a share of each."""
+    rows = [
+        "<tr><th>replicas</th><th>ceiling</th><th>events/s</th><th>events</th><th>s</th>"
+        "<th>not acknowledged</th><th>max end to end / ceiling</th></tr>"
+    ]
+    for key, r in results["replicas"].items():
+        shares = r.get("share_of_ceiling") or {}
+        for name, c in (r.get("ceilings") or {}).items():
+            share = shares.get(name)
+            cells = (
+                f"R{key}",
+                c["what"],
+                f"{c['events_per_s']:.0f}",
+                c["events"],
+                f"{c['seconds']:.1f}",
+                c["errors"],
+                "-" if share is None else f"{share:.0%}",
+            )
+            rows.append(
+                "<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in cells) + "</tr>"
+            )
+    return f"<table>{''.join(rows)}</table>"
+
+
 def render(results: Mapping[str, Any]) -> str:
     rows = []
     for key, r in results["replicas"].items():
@@ -413,6 +477,13 @@ table{{border-collapse:collapse}}</style></head><body>
 kernel {html.escape(m["kernel"])}, Docker {html.escape(m["docker"])}; load average at start
 {", ".join(f"{x:.1f}" for x in m["load_average_at_start"])}. Command: <code>{html.escape(results["command"])}</code></p>
 <table>{head}{"".join(rows)}</table>
+<h2>Ceilings</h2>
+<p>The stack's parts on their own, measured on the same stack before the step search
+(harness/ceiling.py): JetStream's acknowledged publish rate into a scratch stream with the
+events stream's configuration, from one ingest-like publisher in the harness; and the
+aggregators' rate of folding and committing a backlog stored while they were paused. The
+share of each that the end-to-end maximum reaches does not depend on the machine's speed.</p>
+{ceiling_table(results)}
 <h2>Step search</h2>{svgs["step"]}
 <h2>Steady runs</h2>{svgs["steady"]}
 <h2>Where the CPU went</h2>
@@ -465,6 +536,10 @@ def command(args: Any, options: StackOptions) -> int:
             f"p50/p95/p99 {lat.get('p50') or 0:.0f}/{lat.get('p95') or 0:.0f}/{lat.get('p99') or 0:.0f}"
             f" ms, freshness p95 {(half.get('freshness_s') or {}).get('p95') or 0:.2f} s"
         )
+        for name, c in (res.get("ceilings") or {}).items():
+            share = (res.get("share_of_ceiling") or {}).get(name)
+            of = f"; max sustainable = {share:.0%} of it" if share is not None else ""
+            print(f"R{r}: {c['what']} {c['events_per_s']:.0f} events/s{of}")
         if half.get("cpu"):
             print(f"R{r} at 50 %: {cpu_line(half['cpu'])}")
     print(f"benchmark: {run_dir / 'benchmark.html'} and benchmark.json")
