@@ -138,29 +138,29 @@ class ProcessFaults(NemesisCore):
         return (fault.effect_s or 0.0) + (fault.heal_s or 0.0)
 
     @contextmanager
-    def paused(self, service: str) -> Iterator[Fault]:
-        """Freeze a service (docker pause: cgroup freezer) for the body, then unpause it."""
-        engine = self.control.engine(service)
+    def paused(self, *services: str) -> Iterator[Fault]:
+        """Freeze services (docker pause: cgroup freezer) for the body, all at once, then
+        unpause them."""
 
         def unpause() -> None:
-            container = self.control.container(service)
-            if container.state.paused:
-                engine.container.unpause(container)
+            for service in services:
+                container = self.control.container(service)
+                if container.state.paused:
+                    self.control.engine(service).container.unpause(container)
 
         def pause() -> bool:
-            container = self.control.container(service)
-            if not container.state.paused:
-                engine.container.pause(container)
+            running = [s for s in services if not self.control.container(s).state.paused]
+            self._on_each_engine(running, lambda engine, cs: engine.container.pause(cs))
             return True
 
         with self.fault(
-            f"pause {service}",
+            f"pause {', '.join(services)}",
             "frozen",
             # The cgroup freezer sometimes answers "unable to freeze" on a busy host: retried.
             inject=lambda: wait_until(
-                pause, timeout_s=20, interval_s=0.5, what=f"{service} paused"
+                pause, timeout_s=20, interval_s=0.5, what=f"{', '.join(services)} paused"
             ),
-            effect=lambda: self.control.container(service).state.paused,
+            effect=lambda: all(self.control.container(s).state.paused for s in services),
             heal=[unpause],
         ) as fault:
             yield fault

@@ -207,6 +207,13 @@ _ENTRIES = (
         cheap=False,
     ),
     NamedFault(
+        "pause-ingest",
+        "both ingest replicas frozen (docker pause) while held: nothing answers the probes",
+        lambda n: n.paused("ingest-1", "ingest-2"),
+        needs=PROCESS,
+        cheap=False,
+    ),
+    NamedFault(
         "pause-nats-2",
         "nats-2 frozen (docker pause) while held",
         lambda n: n.paused("nats-2"),
