@@ -180,9 +180,10 @@ def aggregation_ceiling(
     admin = JetStreamAdmin(nats_urls)
     now = time.time()
     floor = admin.ack_floor()
-    for aggregator in aggregators:
-        aggregator.pause()
-    try:
+    with contextlib.ExitStack() as paused:
+        for aggregator in aggregators:
+            aggregator.pause()  # may fail (a busy engine's freezer times out): none stays paused
+            paused.callback(aggregator.unpause)
         stored = asyncio.run(
             _publish(
                 nats_urls,
@@ -194,9 +195,6 @@ def aggregation_ceiling(
         )
         last = admin.last_sequence()
         moved = admin.ack_floor() - floor
-    finally:
-        for aggregator in aggregators:
-            aggregator.unpause()
     if moved > 0:
         raise CeilingError(
             f"the aggregators acknowledged {moved} messages while paused: they were not all "
