@@ -1,4 +1,5 @@
-"""Workload patterns shared by scenarios."""
+"""What scenarios share: the `Scenario` they work with (built by the `scenario` fixture in
+scenarios/conftest.py), the steady workload, and the checks and waits several scenarios use."""
 
 from __future__ import annotations
 
@@ -8,16 +9,69 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from harness.checker import Verdict
 from harness.history import History, Mark, Operation
-from harness.nemesis import Fault
+from harness.nemesis import Fault, Nemesis
 from harness.polling import DeadlineExceeded, wait_until
 from harness.stack import Endpoints
 from harness.workload import EventGenerator, IngestClient
+
+if TYPE_CHECKING:
+    from harness.pytest_plugin import Verifier
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario's working set: the stack's endpoints, the harness's ingest client and the
+    events it sends, the nemesis, the verifier, the history every operation and fault goes
+    into, and the details the report shows. Scenarios take this one fixture (`scenario`)
+    instead of seven, and the helpers below take it instead of their loose parts."""
+
+    endpoints: Endpoints
+    client: IngestClient
+    generator: EventGenerator
+    nemesis: Nemesis
+    verifier: Verifier
+    history: History
+    details: dict[str, Any]
+
+    @property
+    def probe_ids(self) -> list[str]:
+        return list(self.generator.probes)
+
+    def workload(
+        self, batch_size: int = 100, batches_per_s: float = 5.0
+    ) -> AbstractContextManager[Workload]:
+        """The steady workload of the harness's client (`workload`)."""
+        return workload(self.client, self.generator, batch_size, batches_per_s)
+
+    def verify_recovery(self, timeout_s: float = 60.0) -> Verdict:
+        """The exactly-once verdict over this scenario's probes, and the recovery time
+        (`verify_recovery`)."""
+        return verify_recovery(self.verifier, self.history, self.probe_ids, self.details, timeout_s)
+
+    def refused_after_effect(self, load: Workload, fault: Fault) -> dict[str, Any]:
+        """`refused_after_effect` over this scenario's history."""
+        return refused_after_effect(load, fault, self.history)
+
+    def recover_after_refusals(
+        self, services: Sequence[str], verify_timeout_s: float = 60.0
+    ) -> Verdict:
+        """After a fault ingest refused batches for: the services ready again, the refused
+        batches resent like a probe would, then the exactly-once verdict and recovery time."""
+        _, ready_s = wait_until(
+            lambda: all_ready(self.endpoints, *services),
+            timeout_s=60,
+            what=f"{', '.join(services)} ready again",
+        )
+        self.details["ready_again_s"] = round(ready_s, 3)
+        self.client.settle(deadline_s=60)
+        return self.verify_recovery(verify_timeout_s)
 
 
 @contextmanager
@@ -251,35 +305,11 @@ def refused_after_effect(load: Workload, fault: Fault, history: History) -> dict
     return client_view(history, effective, time.time())
 
 
-def recover_after_refusals(
-    endpoints: Endpoints,
-    services: Sequence[str],
-    client: IngestClient,
-    generator: EventGenerator,
-    verifier: Any,
-    history: History,
-    details: dict[str, Any],
-    verify_timeout_s: float = 60.0,
-) -> Verdict:
-    """After a fault ingest refused batches for: the services ready again, the refused
-    batches resent like a probe would, then the exactly-once verdict and recovery time."""
-    _, ready_s = wait_until(
-        lambda: all_ready(endpoints, *services),
-        timeout_s=60,
-        what=f"{', '.join(services)} ready again",
-    )
-    details["ready_again_s"] = round(ready_s, 3)
-    client.settle(deadline_s=60)
-    return verify_recovery(verifier, history, list(generator.probes), details, verify_timeout_s)
-
-
 def other_aggregator_carries_on(
-    endpoints: Endpoints,
+    scenario: Scenario,
     db: Any,
     load: Workload,
-    history: History,
     fault: Fault,
-    details: dict[str, Any],
     *,
     ack_wait_s: float,
     progressed: Callable[[dict[str, int], dict[str, int]], bool],
@@ -288,30 +318,32 @@ def other_aggregator_carries_on(
 ) -> DeadlineExceeded | None:
     """While one aggregator is held mid-transaction by `fault`, wait (ack wait + 15 s) until
     the consumer state shows `progressed(before, now)`; the seconds it took go to
-    details[key]. Stops the workload. Returns the deadline error instead of raising it, so
-    that the scenario measures the recovery before it reports the stall."""
-    details["caught_mid_transaction_attempt"] = fault.notes["caught_mid_transaction_attempt"]
-    before = consumer_state(endpoints)
+    the scenario's details[key]. Stops the workload. Returns the deadline error instead of
+    raising it, so that the scenario measures the recovery before it reports the stall."""
+    scenario.details["caught_mid_transaction_attempt"] = fault.notes[
+        "caught_mid_transaction_attempt"
+    ]
+    before = consumer_state(scenario.endpoints)
     try:
         _, took = wait_until(
-            lambda: progressed(before, consumer_state(endpoints)),
+            lambda: progressed(before, consumer_state(scenario.endpoints)),
             timeout_s=ack_wait_s + 15,
             what=f"{what} (ack wait {ack_wait_s} s)",
             describe=lambda: (
-                f"consumer {consumer_state(endpoints)}; database sessions {sessions(db)}"
+                f"consumer {consumer_state(scenario.endpoints)}; database sessions {sessions(db)}"
             ),
         )
-        details[key] = round(took, 3)
+        scenario.details[key] = round(took, 3)
         return None
     except DeadlineExceeded as error:
         return error
     finally:
         load.stop()
-        details["during_fault"] = {
+        scenario.details["during_fault"] = {
             "consumer_before": before,
-            "consumer": consumer_state(endpoints),
+            "consumer": consumer_state(scenario.endpoints),
             "database_sessions": sessions(db),
-            **client_view(history, fault.started_at, time.time()),
+            **client_view(scenario.history, fault.started_at, time.time()),
         }
 
 

@@ -7,7 +7,26 @@ from collections.abc import Iterator
 import pytest
 
 from harness import ledger
+from harness.history import History
+from harness.nemesis import Nemesis
+from harness.pytest_plugin import Verifier
 from harness.stack import Endpoints
+from harness.workload import EventGenerator, IngestClient
+from scenarios.common import Scenario
+
+
+@pytest.fixture
+def scenario(
+    endpoints: Endpoints,
+    client: IngestClient,
+    generator: EventGenerator,
+    nemesis: Nemesis,
+    verifier: Verifier,
+    history: History,
+    scenario_details: dict,
+) -> Scenario:
+    """The scenario's working set in one object (scenarios.common.Scenario)."""
+    return Scenario(endpoints, client, generator, nemesis, verifier, history, scenario_details)
 
 
 def stack_probes(endpoints: Endpoints) -> dict[str, str]:

@@ -10,12 +10,11 @@ import pytest
 from harness.history import Outcome
 from harness.polling import wait_until
 from scenarios.common import (
+    Scenario,
     all_ready,
     all_unready,
     client_view,
     consumer_state,
-    verify_recovery,
-    workload,
 )
 
 pytestmark = [pytest.mark.restart, pytest.mark.chaos]
@@ -38,15 +37,13 @@ def _stream_leader(endpoints) -> str:
     raise AssertionError("no NATS node reported the QOE_EVENTS stream")
 
 
-def test_nats_stream_leader_killed_and_back(
-    client, generator, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_nats_stream_leader_killed_and_back(scenario: Scenario):
     """SIGKILL the node leading the stream: after a leader election the remaining two keep
     accepting (R3 needs a quorum of 2); the node returns and catches up; counted once."""
-    leader = _stream_leader(endpoints)
-    with workload(client, generator) as load:
+    leader = _stream_leader(scenario.endpoints)
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.nats_node_lost(leader) as lost:
+        with scenario.nemesis.nats_node_lost(leader) as lost:
             first = len(load.sent)
             _, accepting_s = wait_until(
                 lambda: sum(op.outcome is Outcome.OK for op in load.sent[first:]) >= 5,
@@ -54,39 +51,41 @@ def test_nats_stream_leader_killed_and_back(
                 what=f"5 acknowledged batches with {leader} down",
             )
             new_leader = wait_until(
-                lambda: (name := _stream_leader(endpoints)) != leader and name,
+                lambda: (name := _stream_leader(scenario.endpoints)) != leader and name,
                 timeout_s=30,
                 what="another stream leader",
             )[0]
             load.stop()
-            scenario_details["during_fault"] = {
+            scenario.details["during_fault"] = {
                 "killed": leader,
                 "new_leader": new_leader,
                 "accepting_again_after_s": round(accepting_s + (lost.effect_s or 0), 3),
-                **client_view(history, lost.started_at, time.time()),
+                **client_view(scenario.history, lost.started_at, time.time()),
             }
-    wait_until(lambda: all_ready(endpoints, *NATS_CLIENTS), timeout_s=60, what="clients ready")
-    client.settle(deadline_s=60)
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    wait_until(
+        lambda: all_ready(scenario.endpoints, *NATS_CLIENTS), timeout_s=60, what="clients ready"
+    )
+    scenario.client.settle(deadline_s=60)
+    scenario.verify_recovery()
 
 
-def test_whole_nats_cluster_restarted(
-    client, generator, stack, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_whole_nats_cluster_restarted(scenario: Scenario, stack):
     """All three nodes stopped together and started again: ingest answers 503 meanwhile; the
     stream (file storage) and the durable consumer survive; the backlog is counted once."""
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        before = consumer_state(endpoints)
-        with nemesis.nats_cluster_restarted() as restart:
+        before = consumer_state(scenario.endpoints)
+        with scenario.nemesis.nats_cluster_restarted() as restart:
             wait_until(
-                lambda: all_unready(endpoints, "ingest-1", "ingest-2"),
+                lambda: all_unready(scenario.endpoints, "ingest-1", "ingest-2"),
                 timeout_s=30,
                 what="ingest unready with the cluster down",
             )
             load.progress(more=3)
             load.stop()
-            scenario_details["during_fault"] = client_view(history, restart.started_at, time.time())
+            scenario.details["during_fault"] = client_view(
+                scenario.history, restart.started_at, time.time()
+            )
     after = wait_until(  # the restarted nodes publish new host ports: read them again
         lambda: consumer_state(stack.endpoints()),
         timeout_s=60,
@@ -95,10 +94,12 @@ def test_whole_nats_cluster_restarted(
     assert after["last_seq"] >= before["last_seq"], (
         f"the stream lost messages across the restart: {before} -> {after}"
     )
-    scenario_details["stream_before"], scenario_details["stream_after"] = before, after
+    scenario.details["stream_before"], scenario.details["stream_after"] = before, after
     _, ready_s = wait_until(
-        lambda: all_ready(endpoints, *NATS_CLIENTS), timeout_s=90, what="every NATS client ready"
+        lambda: all_ready(scenario.endpoints, *NATS_CLIENTS),
+        timeout_s=90,
+        what="every NATS client ready",
     )
-    scenario_details["clients_ready_after_s"] = round(ready_s, 3)
-    client.settle(deadline_s=60)
-    verify_recovery(verifier, history, list(generator.probes), scenario_details, timeout_s=90)
+    scenario.details["clients_ready_after_s"] = round(ready_s, 3)
+    scenario.client.settle(deadline_s=60)
+    scenario.verify_recovery(timeout_s=90)

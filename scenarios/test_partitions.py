@@ -13,8 +13,9 @@ import pytest
 
 from harness.history import Operation, Outcome
 from harness.polling import wait_until
-from harness.workload import EventGenerator, IngestClient, classify_error, classify_status
+from harness.workload import IngestClient, classify_error, classify_status
 from scenarios.common import (
+    Scenario,
     all_ready,
     all_unready,
     caught_mid_transaction,
@@ -23,10 +24,6 @@ from scenarios.common import (
     each_commits,
     other_aggregator_carries_on,
     readiness,
-    recover_after_refusals,
-    refused_after_effect,
-    verify_recovery,
-    workload,
 )
 
 pytestmark = pytest.mark.partition
@@ -75,154 +72,136 @@ def processed_events(db) -> int:
     return db.execute("SELECT count(*) FROM processed_events").fetchone()[0]
 
 
-def test_ingest_nats_partition(
-    client, generator: EventGenerator, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_ingest_nats_partition(scenario: Scenario):
     """Ingest cut off from every NATS node: 503 + Retry-After within the publish timeout (no
     hang, no 500), /readyz red; the client retries after healing; nothing lost or doubled."""
-    ingest_nats_partition(
-        client, generator, endpoints, nemesis, verifier, history, scenario_details
-    )
+    ingest_nats_partition(scenario)
 
 
 def ingest_nats_partition(
-    client,
-    generator: EventGenerator,
-    endpoints,
-    nemesis,
-    verifier,
-    history,
-    scenario_details,
+    scenario: Scenario,
     verify_timeout_s: float = 60.0,
 ) -> None:
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.cut("ingest-nats", effect=lambda: all_unready(endpoints, *INGEST)) as cut:
-            for url in endpoints.ingest_urls:
-                op, headers, took = send_observed(client, generator.batch(50), url)
+        with scenario.nemesis.cut(
+            "ingest-nats", effect=lambda: all_unready(scenario.endpoints, *INGEST)
+        ) as cut:
+            for url in scenario.endpoints.ingest_urls:
+                op, headers, took = send_observed(
+                    scenario.client, scenario.generator.batch(50), url
+                )
                 assert op.status == 503, f"expected 503 while NATS is cut off, got {op.error}"
                 assert "retry-after" in {h.lower() for h in headers}, headers
                 assert took <= PUBLISH_TIMEOUT_S + 1.5, f"503 took {took:.2f}s (hung?)"
-            scenario_details["during_fault"] = refused_after_effect(load, cut, history)
-    recover_after_refusals(
-        endpoints,
+            scenario.details["during_fault"] = scenario.refused_after_effect(load, cut)
+    scenario.recover_after_refusals(
         INGEST,
-        client,
-        generator,
-        verifier,
-        history,
-        scenario_details,
         verify_timeout_s,
     )
 
 
-def test_aggregator_postgres_partition(
-    client, generator, endpoints, nemesis, verifier, history, db, scenario_details
-):
+def test_aggregator_postgres_partition(scenario: Scenario, db):
     """The aggregators cut off from PostgreSQL: nothing is acknowledged to JetStream and
     nothing recorded while the database is unreachable; exact after healing."""
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.cut(
-            "aggregator-postgres", effect=lambda: all_unready(endpoints, *AGGREGATORS)
+        with scenario.nemesis.cut(
+            "aggregator-postgres", effect=lambda: all_unready(scenario.endpoints, *AGGREGATORS)
         ) as cut:
-            before, stored = consumer_state(endpoints), processed_events(db)
+            before, stored = consumer_state(scenario.endpoints), processed_events(db)
             wait_until(
-                lambda: consumer_state(endpoints)["last_seq"] >= before["last_seq"] + 500,
+                lambda: consumer_state(scenario.endpoints)["last_seq"] >= before["last_seq"] + 500,
                 timeout_s=30,
                 what="500 more events in the stream while the database is cut off",
             )
             load.stop()
-            after = consumer_state(endpoints)
+            after = consumer_state(scenario.endpoints)
             assert after["ack_floor"] == before["ack_floor"], (before, after)
             assert processed_events(db) == stored, "events were recorded through a cut link"
-            scenario_details["during_fault"] = {
+            scenario.details["during_fault"] = {
                 "consumer_before": before,
                 "consumer_after": after,
-                **client_view(history, cut.started_at, time.time()),
+                **client_view(scenario.history, cut.started_at, time.time()),
             }
     assert all(op.outcome is Outcome.OK for op in load.sent), "ingest should not notice the cut"
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.verify_recovery()
 
 
-def test_aggregator_postgres_heavy_latency(
-    client, generator, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_aggregator_postgres_heavy_latency(scenario: Scenario):
     """800 ± 400 ms each way between the aggregators and PostgreSQL: slow, never wrong."""
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        scenario_details["each_committing_after_s"] = each_commits(endpoints, *AGGREGATORS)
-        start = consumer_state(endpoints)
-        with nemesis.latency("aggregator-postgres", 800, 400, stream="both") as slow:
+        scenario.details["each_committing_after_s"] = each_commits(scenario.endpoints, *AGGREGATORS)
+        start = consumer_state(scenario.endpoints)
+        with scenario.nemesis.latency("aggregator-postgres", 800, 400, stream="both") as slow:
             wait_until(
-                lambda: consumer_state(endpoints)["ack_floor"] > start["last_seq"],
+                lambda: consumer_state(scenario.endpoints)["ack_floor"] > start["last_seq"],
                 timeout_s=60,
                 what="the aggregators committing through the slow link",
             )
             load.stop()
-            scenario_details["during_fault"] = {
-                "consumer": consumer_state(endpoints),
-                **client_view(history, slow.started_at, time.time()),
+            scenario.details["during_fault"] = {
+                "consumer": consumer_state(scenario.endpoints),
+                **client_view(scenario.history, slow.started_at, time.time()),
             }
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.verify_recovery()
 
 
-def test_aggregator_nats_partition(
-    client, generator, endpoints, nemesis, verifier, history, db, scenario_details
-):
+def test_aggregator_nats_partition(scenario: Scenario, db):
     """The aggregators cut off from every NATS node: ingest keeps accepting, the backlog grows,
     nothing is recorded; after healing the backlog drains exactly once."""
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.cut(
-            "aggregator-nats", effect=lambda: all_unready(endpoints, *AGGREGATORS)
+        with scenario.nemesis.cut(
+            "aggregator-nats", effect=lambda: all_unready(scenario.endpoints, *AGGREGATORS)
         ) as cut:
             # A batch fetched before the cut may still commit (its ack then fails and the
             # redelivery is deduplicated): count from once a backlog has built up, not from
             # the cut itself.
-            before = consumer_state(endpoints)
-            backlog_grew(endpoints, before, by=500)
+            before = consumer_state(scenario.endpoints)
+            backlog_grew(scenario.endpoints, before, by=500)
             stored = processed_events(db)
-            backlog_grew(endpoints, before, by=1000)
+            backlog_grew(scenario.endpoints, before, by=1000)
             load.stop()
             assert processed_events(db) == stored, "events were recorded through a cut link"
-            scenario_details["during_fault"] = {
+            scenario.details["during_fault"] = {
                 "consumer_before": before,
-                "consumer_after": consumer_state(endpoints),
-                **client_view(history, cut.started_at, time.time()),
+                "consumer_after": consumer_state(scenario.endpoints),
+                **client_view(scenario.history, cut.started_at, time.time()),
             }
     assert all(op.outcome is Outcome.OK for op in load.sent), "ingest should not notice the cut"
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.verify_recovery()
 
 
-def test_diagnoser_nats_partition(
-    client, generator, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_diagnoser_nats_partition(scenario: Scenario):
     """The diagnoser cut off from NATS: no hints, readiness red, but its timer sweeps keep the
     diagnoses right (checked during the cut and after healing)."""
-    with nemesis.cut("diagnoser-nats", effect=lambda: all_unready(endpoints, "diagnoser")):
-        with workload(client, generator) as load:
+    with scenario.nemesis.cut(
+        "diagnoser-nats", effect=lambda: all_unready(scenario.endpoints, "diagnoser")
+    ):
+        with scenario.workload() as load:
             load.progress(more=5)
-        during = verifier.verify(history, list(generator.probes), timeout_s=60)
-        scenario_details["converged_during_cut_s"] = during.convergence_s
-        with workload(client, generator) as load2:
+        during = scenario.verifier.verify(scenario.history, scenario.probe_ids, timeout_s=60)
+        scenario.details["converged_during_cut_s"] = during.convergence_s
+        with scenario.workload() as load2:
             load2.progress(more=3)
     assert all(op.outcome is Outcome.OK for op in load.sent + load2.sent)
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.verify_recovery()
 
 
-def test_whole_nats_tier_partition(
-    client, generator, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_whole_nats_tier_partition(scenario: Scenario):
     """Every proxy into the NATS tier cut: ingest answers 503, the aggregators and diagnoser
     go unready; everything recovers on its own."""
     everyone = (*INGEST, *AGGREGATORS, "diagnoser")
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.partition("nats", effect=lambda: all_unready(endpoints, *everyone)) as cut:
-            scenario_details["during_fault"] = refused_after_effect(load, cut, history)
-    recover_after_refusals(
-        endpoints, everyone, client, generator, verifier, history, scenario_details
+        with scenario.nemesis.partition(
+            "nats", effect=lambda: all_unready(scenario.endpoints, *everyone)
+        ) as cut:
+            scenario.details["during_fault"] = scenario.refused_after_effect(load, cut)
+    scenario.recover_after_refusals(
+        everyone,
     )
 
 
@@ -234,15 +213,13 @@ def test_whole_nats_tier_partition(
         pytest.param(("reset_peer", "upstream", {"timeout": 50}), id="reset-mid-request"),
     ],
 )
-def test_client_ingest_resets_and_timeouts(
-    toxic, client, generator, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_client_ingest_resets_and_timeouts(toxic, scenario: Scenario):
     """The client's link to ingest resets or times out mid-request: outcomes are unknown (the
     batch may be stored), the client resends the same ids, each event is counted once."""
     kind, stream, attributes = toxic
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.toxic("harness-ingest", kind, stream, **attributes) as fault:
+        with scenario.nemesis.toxic("harness-ingest", kind, stream, **attributes) as fault:
             first = len(load.sent)
             wait_until(
                 lambda: sum(op.outcome is Outcome.UNKNOWN for op in load.sent[first:]) >= 3,
@@ -250,16 +227,18 @@ def test_client_ingest_resets_and_timeouts(
                 what=f"3 unknown outcomes under {kind}",
             )
             load.stop()
-            scenario_details["during_fault"] = client_view(history, fault.started_at, time.time())
+            scenario.details["during_fault"] = client_view(
+                scenario.history, fault.started_at, time.time()
+            )
     unknown = [op for op in load.sent if op.outcome is Outcome.UNKNOWN]
-    duplicates_before = _ingest_metric(endpoints, "duplicate")
-    scenario_details["unknown_batches"] = len(unknown)
-    scenario_details["settled_batches"] = client.settle(deadline_s=60)
+    duplicates_before = _ingest_metric(scenario.endpoints, "duplicate")
+    scenario.details["unknown_batches"] = len(unknown)
+    scenario.details["settled_batches"] = scenario.client.settle(deadline_s=60)
     # Events JetStream already had when the client resent them: stored despite the error.
-    scenario_details["stored_despite_error"] = (
-        _ingest_metric(endpoints, "duplicate") - duplicates_before
+    scenario.details["stored_despite_error"] = (
+        _ingest_metric(scenario.endpoints, "duplicate") - duplicates_before
     )
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.verify_recovery()
 
 
 def _ingest_metric(endpoints, outcome: str) -> float:
@@ -268,16 +247,14 @@ def _ingest_metric(endpoints, outcome: str) -> float:
     return sum(metric(endpoints, s, "qoe_ingest_events_total", outcome=outcome) for s in INGEST)
 
 
-def test_hard_partition_of_an_ingest_replica(
-    client, generator, stack, endpoints, nemesis, verifier, history, scenario_details
-):
+def test_hard_partition_of_an_ingest_replica(scenario: Scenario, stack):
     """ingest-1 taken off the ingest network (Docker, no proxy involved): requests routed to it
     fail, ingest-2 keeps acknowledging; reconnected under its service alias, ingest-1 serves
     again and the resent batches count once."""
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.disconnected(
-            "ingest-1", effect=lambda: readiness(endpoints, "ingest-1") is None
+        with scenario.nemesis.disconnected(
+            "ingest-1", effect=lambda: readiness(scenario.endpoints, "ingest-1") is None
         ) as cut:
             first = len(load.sent)
             load.progress(more=6)
@@ -285,37 +262,38 @@ def test_hard_partition_of_an_ingest_replica(
             during = load.sent[first:]
             assert any(op.outcome is not Outcome.OK for op in during), "ingest-1 still reached"
             assert any(op.outcome is Outcome.OK for op in during), "ingest-2 did not carry on"
-            scenario_details["during_fault"] = client_view(history, cut.started_at, time.time())
+            scenario.details["during_fault"] = client_view(
+                scenario.history, cut.started_at, time.time()
+            )
     # Reconnected, ingest-1 publishes new host ports: read them again.
     _, ready_s = wait_until(
         lambda: all_ready(stack.endpoints(), "ingest-1"), timeout_s=60, what="ingest-1 ready again"
     )
-    scenario_details["ready_again_s"] = round(ready_s, 3)
-    client.settle(deadline_s=60)
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.details["ready_again_s"] = round(ready_s, 3)
+    scenario.client.settle(deadline_s=60)
+    scenario.verify_recovery()
 
 
 @pytest.mark.slow
-def test_hard_partition_of_an_aggregator_mid_transaction(
-    client, generator, stack, endpoints, nemesis, verifier, history, db, scenario_details
-):
+def test_hard_partition_of_an_aggregator_mid_transaction(scenario: Scenario, stack, db):
     """aggregator-1 taken off its Docker network (no proxy involved) while it is inside its
     batch transaction, for longer than the ack wait. aggregator-2 must carry on (what
     aggregator-1 held is redelivered to it); when aggregator-1 comes back everything is
     counted once."""
-    ack_wait_s = nemesis.stack.settings.ack_wait_s
-    with workload(client, generator) as load:
+    ack_wait_s = scenario.nemesis.stack.settings.ack_wait_s
+    with scenario.workload() as load:
         load.progress()
         with caught_mid_transaction(
-            nemesis, db, "aggregator-1", then=lambda: nemesis.disconnected("aggregator-1")
+            scenario.nemesis,
+            db,
+            "aggregator-1",
+            then=lambda: scenario.nemesis.disconnected("aggregator-1"),
         ) as cut:
             stalled = other_aggregator_carries_on(
-                endpoints,
+                scenario,
                 db,
                 load,
-                history,
                 cut,
-                scenario_details,
                 ack_wait_s=ack_wait_s,
                 progressed=lambda before, now: now["ack_floor"] > before["ack_floor"],
                 what="aggregator-2 acknowledging anything while aggregator-1 is partitioned",
@@ -326,9 +304,9 @@ def test_hard_partition_of_an_aggregator_mid_transaction(
         timeout_s=60,
         what="aggregator-1 ready",
     )
-    scenario_details["ready_again_s"] = round(back_s, 3)
-    verify_recovery(verifier, history, list(generator.probes), scenario_details)
+    scenario.details["ready_again_s"] = round(back_s, 3)
+    scenario.verify_recovery()
     assert stalled is None, (
         f"the pipeline stalled while one aggregator was partitioned: {stalled}. Exactly-once "
-        f"held after healing (recovery {scenario_details['recovery_s']} s)."
+        f"held after healing (recovery {scenario.details['recovery_s']} s)."
     )

@@ -14,12 +14,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from harness import checker, ledger
-from harness.history import History, Outcome
+from harness.history import Outcome
 from harness.metrics import metric
 from harness.nats_admin import JetStreamAdmin
 from harness.polling import wait_until
 from harness.stack import Endpoints, StackSettings
-from harness.workload import THRESHOLD_FIELDS, EventGenerator, IngestClient
+from harness.workload import THRESHOLD_FIELDS, EventGenerator
+from scenarios.common import Scenario
 from scenarios.test_bad_input import PAST_CASE_EVENTS, send_bad_input_at_the_bounds
 from scenarios.test_dedup import resend_after_a_cut_off_answer
 from scenarios.test_e2e import send_every_timestamp_form
@@ -44,77 +45,83 @@ def assert_caught(verdict: checker.Verdict, generator: EventGenerator) -> str:
 
 @bug("aggregator_no_dedup")
 def test_aggregator_without_dedup_fails_the_cut_off_answer_scenario(
-    reconfigured_stack, endpoints, client: IngestClient, generator, nemesis, verifier, history
+    reconfigured_stack, scenario: Scenario
 ):
-    resend_after_a_cut_off_answer(client, endpoints, generator, nemesis)
+    resend_after_a_cut_off_answer(
+        scenario.client, scenario.endpoints, scenario.generator, scenario.nemesis
+    )
     # The database equals the oracle until the resend is folded in: observe after that.
-    JetStreamAdmin(endpoints.nats_urls).await_acknowledged(
+    JetStreamAdmin(scenario.endpoints.nats_urls).await_acknowledged(
         "the aggregators acknowledging the resend"
     )
-    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
+    assert_caught(
+        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=10),
+        scenario.generator,
+    )
 
 
 @bug("window_off_by_one")
-def test_window_off_by_one_fails_the_boundary_scenario(
-    reconfigured_stack, client: IngestClient, generator, verifier, history
-):
-    w = generator.window_seconds
+def test_window_off_by_one_fails_the_boundary_scenario(reconfigured_stack, scenario: Scenario):
+    w = scenario.generator.window_seconds
     boundary = datetime.fromtimestamp(int(datetime.now(UTC).timestamp()) // w * w, UTC)
     batch = [
         replace(e, ts=boundary - timedelta(seconds=w * i))
-        for i, e in enumerate(generator.batch(20))
+        for i, e in enumerate(scenario.generator.batch(20))
     ]
-    assert client.send(batch).outcome is Outcome.OK
-    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=10), generator)
+    assert scenario.client.send(batch).outcome is Outcome.OK
+    assert_caught(
+        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=10),
+        scenario.generator,
+    )
 
 
 @bug("window_off_by_one")
 def test_window_off_by_one_fails_the_ingest_nats_partition_scenario(
-    reconfigured_stack, endpoints, client, generator, nemesis, verifier, history, scenario_details
+    reconfigured_stack, scenario: Scenario
 ):
     """Any fault scenario's workload puts events on window boundaries (EventGenerator's
     boundary_fraction): the partition scenario's final verdict must name the wrong windows."""
     with pytest.raises(AssertionError) as failed:
         # A correct stack matches within seconds of healing (test_partitions.py).
         ingest_nats_partition(
-            client,
-            generator,
-            endpoints,
-            nemesis,
-            verifier,
-            history,
-            scenario_details,
+            scenario,
             verify_timeout_s=15,
         )
     message = str(failed.value)
-    assert "window" in message and any(p in message for p in generator.probes), message
+    assert "window" in message and any(p in message for p in scenario.generator.probes), message
 
 
 @bug("ingest_early_ack")
 def test_ingest_acking_before_jetstream_fails_the_partition_scenario(
-    reconfigured_stack, client: IngestClient, generator, nemesis, verifier, history
+    reconfigured_stack, scenario: Scenario
 ):
-    with nemesis.cut("ingest-nats"):
-        op = client.send(generator.batch(100))
+    with scenario.nemesis.cut("ingest-nats"):
+        op = scenario.client.send(scenario.generator.batch(100))
     # A correct ingest answers 503 here; the seeded one claims success for events it lost.
     assert op.outcome is Outcome.OK, f"expected the bug's early 202, got {op.status} {op.error}"
-    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=15), generator)
+    assert_caught(
+        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=15),
+        scenario.generator,
+    )
 
 
 @bug("aggregator_ack_before_commit")
 def test_aggregator_acking_before_commit_fails_the_database_partition_scenario(
-    reconfigured_stack, endpoints, client: IngestClient, generator, nemesis, verifier, history
+    reconfigured_stack, scenario: Scenario
 ):
-    admin = JetStreamAdmin(endpoints.nats_urls)
-    with nemesis.cut("aggregator-postgres"):
-        assert client.send(generator.batch(200)).outcome is Outcome.OK
+    admin = JetStreamAdmin(scenario.endpoints.nats_urls)
+    with scenario.nemesis.cut("aggregator-postgres"):
+        assert scenario.client.send(scenario.generator.batch(200)).outcome is Outcome.OK
         # The seeded aggregator acknowledges what it could not commit; a correct one never does.
         admin.await_acknowledged(
             "the aggregators acknowledging the batch while the database is cut off"
         )
         for service in ("aggregator-1", "aggregator-2"):
-            nemesis.kill(service, await_healthy=False)
-    assert_caught(verifier.observe(history, list(generator.probes), timeout_s=15), generator)
+            scenario.nemesis.kill(service, await_healthy=False)
+    assert_caught(
+        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=15),
+        scenario.generator,
+    )
 
 
 @bug("probe_drop_after_503")
@@ -140,26 +147,24 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
 def verdict_showing(
     signature: Callable[[checker.Verdict], bool],
     what: str,
-    verifier,
-    history: History,
-    generator: EventGenerator,
+    scenario: Scenario,
     timeout_s: float = 60,
 ) -> checker.Verdict:
     """The verdict once it shows the bug's own signature. Until the aggregators and the
     diagnoser have caught up (slow on a busy machine) it is wrong for other reasons too, so
     it is polled until it is wrong in exactly the way the bug predicts."""
-    probes = list(generator.probes)
+    probes = scenario.probe_ids
     seen: list[checker.Verdict] = []
 
     def shows() -> bool:
         # One reading each, not recorded: polling must not flood the run's timeline.
         seen[:] = [
             checker.check_database(
-                history,
-                verifier.endpoints.database_dsn,
+                scenario.history,
+                scenario.verifier.endpoints.database_dsn,
                 probes,
-                verifier.endpoints.window_seconds,
-                verifier.rules,
+                scenario.verifier.endpoints.window_seconds,
+                scenario.verifier.rules,
                 timeout_s=0,
             )
         ]
@@ -172,7 +177,9 @@ def verdict_showing(
         what=what,
         describe=lambda: seen[0].summary() if seen else "no verdict read",
     )
-    verdict = verifier.observe(history, probes, timeout_s=0)  # recorded for the report
+    verdict = scenario.verifier.observe(
+        scenario.history, probes, timeout_s=0
+    )  # recorded for the report
     assert signature(verdict), verdict.summary()
     return verdict
 
@@ -183,14 +190,16 @@ def wrong_targets(verdict: checker.Verdict) -> set[str]:
 
 @bug("ingest_offset_sign_ignored")
 def test_ingest_ignoring_the_offset_sign_fails_the_timestamp_form_scenario(
-    reconfigured_stack, client: IngestClient, generator, verifier, history
+    reconfigured_stack, scenario: Scenario
 ):
     """-hh:mm read as +hh:mm puts an event 2 x hh:mm early: a window missing where the event
     belongs and one nothing explains where it landed; -23:59 lands past the 24 h bound."""
-    rejected = send_every_timestamp_form(client, generator)
+    rejected = send_every_timestamp_form(scenario.client, scenario.generator)
     assert any("-23:59: HTTP 422" in r for r in rejected), rejected
     negative = {
-        f"form {i} #1" for i, form in enumerate(generator.forms) if -1439 < form.offset_minutes < 0
+        f"form {i} #1"
+        for i, form in enumerate(scenario.generator.forms)
+        if -1439 < form.offset_minutes < 0
     }
 
     def shifted(verdict: checker.Verdict) -> bool:
@@ -202,19 +211,17 @@ def test_ingest_ignoring_the_offset_sign_fails_the_timestamp_form_scenario(
     verdict = verdict_showing(
         shifted,
         f"the windows of the negative-offset forms ({sorted(negative)}), and only those, moved",
-        verifier,
-        history,
-        generator,
+        scenario,
     )
-    assert_caught(verdict, generator)
+    assert_caught(verdict, scenario.generator)
 
 
 @bug("diagnoser_threshold_inclusive")
 def test_diagnoser_comparing_with_or_equal_fails_the_threshold_scenario(
-    reconfigured_stack, client: IngestClient, generator, verifier, history
+    reconfigured_stack, scenario: Scenario
 ):
     """>= and <= diagnose exactly the four windows whose average is on a threshold."""
-    assert client.send(generator.threshold_batch()).outcome is Outcome.OK
+    assert scenario.client.send(scenario.generator.threshold_batch()).outcome is Outcome.OK
     on_a_threshold = {f"{kind} on #1" for kind in THRESHOLD_FIELDS}
 
     def diagnosed_on_the_threshold(verdict: checker.Verdict) -> bool:
@@ -225,22 +232,22 @@ def test_diagnoser_comparing_with_or_equal_fails_the_threshold_scenario(
     verdict = verdict_showing(
         diagnosed_on_the_threshold,
         f"diagnoses in exactly the windows {sorted(on_a_threshold)}",
-        verifier,
-        history,
-        generator,
+        scenario,
     )
-    assert_caught(verdict, generator)
+    assert_caught(verdict, scenario.generator)
 
 
 @bug("ingest_ts_bounds_in_whole_minutes")
 def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
-    reconfigured_stack, endpoints, client: IngestClient, generator, verifier, history
+    reconfigured_stack, scenario: Scenario
 ):
     """Both time bounds a minute loose: the two cases one step past them are answered 202, and
     the one sent unrecorded (before now - 24 h) is stored whole: its day-old event a window
     nothing explains, its other events extra samples."""
     started = datetime.now(UTC)
-    failures = send_bad_input_at_the_bounds(client, generator, endpoints.ingest_token)
+    failures = send_bad_input_at_the_bounds(
+        scenario.client, scenario.generator, scenario.endpoints.ingest_token
+    )
     text = "\n".join(failures)
     assert len(failures) == 2, text
     assert failures[0].startswith("ts one step before now - 24 h: expected 422"), text
@@ -270,11 +277,9 @@ def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
         the_past_case_stored,
         f"a day-old window nothing explains among {PAST_CASE_EVENTS} extra samples: the past "
         "case's batch stored, and nothing else wrong",
-        verifier,
-        history,
-        generator,
+        scenario,
     )
-    assert "unexpected window" in assert_caught(verdict, generator)
+    assert "unexpected window" in assert_caught(verdict, scenario.generator)
 
 
 @pytest.mark.failover
@@ -287,12 +292,7 @@ def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
 def test_asynchronous_replication_fails_the_failover_scenario(
     reconfigured_stack,
     probes_stopped,
-    client,
-    generator,
-    nemesis,
-    verifier,
-    history,
-    scenario_details,
+    scenario: Scenario,
 ):
     """With asynchronous replication, commits acknowledged while the standby was cut off exist
     only on the crashed primary: the failover scenario must report the lost windows."""
@@ -300,29 +300,18 @@ def test_asynchronous_replication_fails_the_failover_scenario(
 
     # The honest stack matches within seconds of the promotion (test_failover.py); lost
     # events never come back, so a short wait is enough to call the verdict.
-    verdict = run_failover(
-        client,
-        generator,
-        reconfigured_stack,
-        nemesis,
-        verifier,
-        history,
-        scenario_details,
-        timeout_s=15,
-    )
+    verdict = run_failover(scenario, timeout_s=15)
     # The events really were committed and acknowledged without the standby...
-    cut = scenario_details["during_cut"]
+    cut = scenario.details["during_cut"]
     assert cut["acked_after"] > cut["acked_before"] and cut["stored_on_primary"] > 0, cut
     # ...and the harness names the windows that lost them.
-    message = assert_caught(verdict, generator)
+    message = assert_caught(verdict, scenario.generator)
     assert any(w.observed is None or w.problem for w in verdict.wrong()), message
 
 
-def test_meta_tests_restore_a_correct_stack(
-    client: IngestClient, generator, verifier, history: History
-):
+def test_meta_tests_restore_a_correct_stack(scenario: Scenario):
     """After the meta-tests the default stack is back: the same resend passes."""
-    batch = generator.batch(100)
+    batch = scenario.generator.batch(100)
     for _ in range(2):
-        assert client.send(batch).outcome is Outcome.OK
-    verifier.verify(history, list(generator.probes))
+        assert scenario.client.send(batch).outcome is Outcome.OK
+    scenario.verifier.verify(scenario.history, scenario.probe_ids)
