@@ -54,10 +54,11 @@ from harness.stack import (
 
 OVERRIDES = ROOT / "stack" / "swarm" / "overrides.yml"
 HOST_LABEL = "qoe.host"
-# The manager is the host no multihost scenario faults by itself (they isolate an ingest/NATS
-# host, crash the storage host, or cut an ingest host from the edge host): a lost manager
-# would leave the swarm unable to restart anything.
-MANAGER = "h4"
+# The manager is the host no multihost scenario faults by itself (they isolate nats-1's host,
+# cut ingest-1's host from the edge host, crash the storage host or the processing host, cut
+# the processing host from the storage host): a lost manager would leave the swarm unable to
+# restart anything, and a host cut from it is marked down and has its tasks replaced on return.
+MANAGER = "h3"
 DEPLOY_VERSION = "3.9"  # the newest compose-file version Docker 20.10's stack deploy knows
 
 # What a swarm service is made of, as `docker compose config` writes it.
