@@ -1149,6 +1149,9 @@ def _default_retry() -> tuple[type[BaseException], ...]:
     return (psycopg.OperationalError, OSError)
 
 
+PATIENCE = 3.0  # a state still converging at its deadline waits at most this many timeouts
+
+
 def await_convergence(
     exp: Expectation,
     read: Callable[[], Observed],
@@ -1163,16 +1166,26 @@ def await_convergence(
 ) -> Verdict:
     """Poll ``read()`` until ``check`` is valid or ``timeout_s`` passes.
 
+    A state still converging when the deadline comes (more samples in the views than at the
+    last deadline or the first poll: the aggregators are behind, on a slow or busy machine)
+    gets half the timeout more, up to PATIENCE times the timeout in all; one that stopped
+    changing is judged then. Lost or doubled events never converge, so this waits longer only
+    for a verdict that would still change, and never accepts one that is not valid.
+
     ``since`` is when the last acknowledgement arrived (time.time()); the convergence time is
     from then to the first valid poll. On timeout the last invalid verdict is returned with
     ``waited_s`` set. Connection errors while reading are retried until the deadline.
     """
     retry = _default_retry() if retry_on is None else retry_on
     started = clock()
-    deadline = started + timeout_s
+    deadline, limit = started + timeout_s, started + timeout_s * PATIENCE
     polls = 0
     cache: SearchCache = {}
     last: Verdict | None = None
+    samples_before: int | None = (
+        None  # samples in the views at the first poll, then at each deadline
+    )
+    samples = 0
     last_error: BaseException | None = None
     while True:
         polls += 1
@@ -1187,9 +1200,14 @@ def await_convergence(
                 return replace(
                     last, convergence_s=max(0.0, now - since), polls=polls, waited_s=now - started
                 )
+            samples = sum(a.samples for a in obs.aggregates.values())
+            if samples_before is None:
+                samples_before = samples
         now = clock()
         if now >= deadline:
-            break
+            if samples_before is None or samples <= samples_before or now >= limit:
+                break
+            samples_before, deadline = samples, min(limit, now + timeout_s / 2)
         sleep(min(interval_s, max(0.0, deadline - now)))
     if last is None:
         raise TimeoutError(

@@ -683,3 +683,33 @@ def test_a_window_given_as_its_aggregate_checks_like_its_events() -> None:
         for budget in (3, 20_000):  # the bounds and the search both work from the aggregate
             want = check(exp, obs.aggregates, obs.diagnoses, RULES, budget=budget)
             assert check(folded, obs.aggregates, obs.diagnoses, RULES, budget=budget) == want
+
+
+def test_await_convergence_waits_on_while_the_state_still_converges() -> None:
+    """Past the deadline, a state with more samples than before (the aggregators behind) gets
+    more time; the first poll that matches ends the wait."""
+    ops, evs = _healthy_run()
+    exp = expectation(History(ops), W)
+    clock = FakeClock(0.0)
+
+    def read() -> Observed:  # one more event every 0.1 s: converges after the 1 s timeout
+        return observe(evs[: min(len(evs), 1 + int(clock.t / 0.1))])
+
+    v = await_convergence(exp, read, RULES, 1.0, since=0.0, clock=clock, sleep=clock.sleep)
+    assert len(evs) * 0.1 > 1.0, "the state must still be converging at the deadline"
+    assert v.valid and v.waited_s is not None and v.waited_s > 1.0
+
+
+def test_await_convergence_judges_a_state_that_stopped_changing_at_its_deadline() -> None:
+    """Lost events never arrive: however the rest converged, the verdict is given once the
+    views stop changing, and it is invalid."""
+    ops, evs = _healthy_run()
+    exp = expectation(History(ops), W)
+    clock = FakeClock(0.0)
+
+    def read() -> Observed:  # converging for 1.2 s, then the first event is still missing
+        return observe(evs[1 : min(len(evs), 2 + int(clock.t / 0.05))])
+
+    v = await_convergence(exp, read, RULES, 1.0, since=0.0, clock=clock, sleep=clock.sleep)
+    assert not v.valid
+    assert v.waited_s == pytest.approx(2.0)  # 1 s, 0.5 s more while converging, 0.5 s unchanged
