@@ -1,10 +1,11 @@
 """The command-line face of the harness:
-`python -m harness up|down|status|run|report|build|fault|load|benchmark|check-bench`."""
+`python -m harness up|down|status|run|report|build|fault|load|benchmark|check-bench|mutate`."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 import signal
 import subprocess
 import sys
@@ -209,6 +210,31 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
     # Each replica count gets a stack of its own: these options with its run id and settings.
     return benchmark.command(args, StackOptions(backend=args.stack, hosts_file=args.hosts))
+
+
+def cmd_mutate(args: argparse.Namespace) -> int:
+    from harness import mutate
+
+    _interrupt_on(signal.SIGINT, signal.SIGTERM)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    plan = mutate.MutationPlan(sample=args.sample, seed=seed, budget_minutes=args.budget_minutes)
+    return mutate.run_mutations(plan)
+
+
+def _mutant_count(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of mutants > 0, got {text}")
+    return int(text)
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, got {text}")
+    return value
 
 
 def cmd_check_bench(args: argparse.Namespace) -> int:
@@ -435,6 +461,18 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="a hosts file: up joins those machines; down removes every harness firewall rule on them",
     )
+    mutate = sub.add_parser(
+        "mutate",
+        help="mutation testing: cosmic-ray's mutants of the services, the scenarios as the test",
+    )
+    mutate.add_argument("--sample", type=_mutant_count, default=20, help="mutants (default 20)")
+    mutate.add_argument("--seed", type=int, help="which mutants are drawn (default: random)")
+    mutate.add_argument(
+        "--budget-minutes",
+        type=_minutes,
+        default=30.0,
+        help="no mutant is started after this (default 30); those left are reported not run",
+    )
     check_bench = sub.add_parser(
         "check-bench",
         help="check a synthetic load history of N events; print time and peak memory",
@@ -466,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": cmd_benchmark,
         "fault": cmd_fault,
         "check-bench": cmd_check_bench,
+        "mutate": cmd_mutate,
         "hosts": cmd_hosts,
     }
     try:

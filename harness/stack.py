@@ -173,6 +173,9 @@ class StackOptions:
     timeout_s: int = 180
     endpoints_file: Path | None = None  # external backend
     hosts_file: Path | None = None  # swarm on real machines (--hosts FILE); None: hosts made here
+    # Compose files laid over the tier files (compose backend), e.g. the mutation run's, which
+    # points services at mutant images.
+    compose_overrides: tuple[Path, ...] = ()
 
 
 class Stack(Protocol):
@@ -442,7 +445,7 @@ class ComposeStack:
         self.env = StackEnv(self.state_dir, self.run_id, self.keep)
         self.endpoints_file = self.state_dir / "endpoints.json"
         self.docker = DockerClient(
-            compose_files=[COMPOSE_DIR / f for f in TIER_FILES],
+            compose_files=[*(COMPOSE_DIR / f for f in TIER_FILES), *options.compose_overrides],
             compose_project_name=self.name,
             compose_env_files=[self.env.path],
         )

@@ -137,7 +137,9 @@ def log(message: str) -> None:
     print(f"[build {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build(client: docker.DockerClient, image: Image) -> None:
+def build(client: docker.DockerClient, image: Image, tag: str = TAG) -> None:
+    """Build `image` (unless its content hash is there) and tag it `tag` (the mutation run
+    tags its mutants with their own, leaving `dev`, which the stack runs, alone)."""
     hashed = f"{image.name}:{content_hash(image)}"
     try:
         client.images.get(hashed)
@@ -153,7 +155,7 @@ def build(client: docker.DockerClient, image: Image) -> None:
             forcerm=True,
         )
         log(f"built {hashed} in {time.monotonic() - started:.0f} s")
-    client.images.get(hashed).tag(image.name, TAG)
+    client.images.get(hashed).tag(image.name, tag)
 
 
 def main() -> int:

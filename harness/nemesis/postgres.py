@@ -3,19 +3,38 @@ the standby promoted, the database proxies moved to it, the old primary rebuilt 
 standby). Built on the process faults (kill, start, disconnect) and the link faults (moving
 the database proxies); SQL runs as the superuser inside the node's container (`psql`), so no
 network path is needed.
+
+The primary may also be lost by another fault (its host crashed: `Failover.primary_lost`).
+On a stack that restarts lost services by itself (a swarm), it is then held down
+(`HoldsDown`) until the rebuild starts it as the standby, so it never returns as a second
+primary.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol, runtime_checkable
+
+from python_on_whales.exceptions import DockerException
 
 from harness.nemesis.core import Fault, NemesisError
+from harness.nemesis.hosts import MultiHost
 from harness.nemesis.links import POSTGRES_PROXIES, LinkFaults
 from harness.nemesis.processes import ProcessFaults
 from harness.polling import wait_until
 from harness.stack import POSTGRES_NODES, RUN_LABEL
+
+
+@runtime_checkable
+class HoldsDown(Protocol):
+    """Capability: services stopped and kept so until started (a swarm starts a killed task
+    again within a second, so a kill cannot keep a node down)."""
+
+    def stop(self, services: Sequence[str]) -> None: ...
 
 
 class PostgresFaults(LinkFaults, ProcessFaults):
@@ -81,6 +100,7 @@ class Failover:
         self.nemesis = nemesis
         self.rebuild_old_primary = rebuild_old_primary
         self.primary, self.standby = nemesis.postgres_roles()
+        self.old_node = NodeVolume.of(nemesis, self.primary)
         self.stopped = False
         self.promoted = False
         self.fault = Fault(name="failover", detail=f"{self.primary} -> {self.standby}")
@@ -103,6 +123,41 @@ class Failover:
             lambda: nemesis._stopped(self.primary), timeout_s=30, what=f"{self.primary} stopped"
         )
         self.stopped = True
+
+    def primary_lost(self) -> None:
+        """The primary lost by another fault the scenario holds (its host crashed), or stopped
+        by the scenario; promotion is timed from now. Where the stack holds services down, it
+        is held down until the rebuild starts it as the standby: a swarm would start it again
+        as soon as its host is back, a second primary. Toxiproxy's sessions to it are dropped,
+        as a load balancer drops a dead backend's (`drop_proxy_sessions`)."""
+        self._stopped_at = time.monotonic()
+        control = self.nemesis.control
+        if isinstance(control, HoldsDown):
+            self.nemesis._instant(
+                f"hold {self.primary} down",
+                "stopped until rebuilt as the standby",
+                lambda: control.stop([self.primary]),
+            )
+        self.stopped = True
+        self.drop_proxy_sessions()
+
+    def drop_proxy_sessions(self) -> None:
+        """Toxiproxy's connections to the old primary destroyed by the kernel (`ss -K` in
+        Toxiproxy's network namespace), on a stack spread over hosts. A host that lost its
+        power leaves them open with nobody answering, and Toxiproxy cannot stop a proxy (to
+        move it) while it writes into one: without this the move took 56 s (two of Toxiproxy's
+        25 s API timeouts before the proxies stopped)."""
+        stack = self.nemesis.stack
+        if not isinstance(stack, MultiHost):
+            return
+        pid = self.nemesis.control.container("toxiproxy").state.pid
+        for address in self.old_node.addresses:
+            command = ["nsenter", "-t", str(pid), "-n", "ss", "-t", "-K", "dst", address]
+            self.nemesis._instant(
+                f"drop proxy sessions to {self.primary}",
+                f"ss -K dst {address} in Toxiproxy's network namespace",
+                partial(stack.hosts.run_on, stack.host_of("toxiproxy"), command),
+            )
 
     def promote(self) -> float:
         """pg_promote() on the standby, move the proxies, wait until a write works through
@@ -162,16 +217,13 @@ class Failover:
         """The old primary's volume replaced by a base backup of the new primary; started as
         its standby; the new primary's synchronous_standby_names set from the stack settings."""
         nemesis, settings = self.nemesis, self.nemesis.stack.settings
-        old, new = self.primary, self.standby
-        container = nemesis.control.container(old)
-        engine = nemesis.control.engine(old)
-        if container.state.running:
-            engine.container.kill(container, signal="SIGKILL")
-        volume = next(
-            str(m.name) for m in container.mounts if m.destination == "/var/lib/postgresql/data"
-        )
-        # The node's own environment has the run's replication password.
-        environment = dict(item.split("=", 1) for item in container.config.env or [])
+        old, new, node = self.primary, self.standby, self.old_node
+        control = nemesis.control
+        if isinstance(control, HoldsDown):
+            control.stop([old])  # a killed task would be back at once, racing the backup
+        else:
+            nemesis._sigkill(old)
+        engine = control.engine(old)
         script = (
             'set -eu; rm -rf "$PGDATA"/* "$PGDATA"/.[!.]* 2>/dev/null || true; '
             f'pg_basebackup -h {new} -U replicator -D "$PGDATA" -X stream -R -c fast '
@@ -179,18 +231,32 @@ class Failover:
             'echo "synchronous_standby_names = \'\'" >> "$PGDATA/postgresql.auto.conf"; '
             'chmod 700 "$PGDATA"'
         )
+
+        def backup() -> bool:
+            try:
+                engine.run(
+                    node.image,
+                    ["-c", script],
+                    entrypoint="/bin/sh",
+                    remove=True,
+                    networks=node.networks,  # the storage network, where `new` is
+                    volumes=[(node.volume, PGDATA)],
+                    envs={"PGPASSWORD": node.replication_password},
+                    labels={RUN_LABEL: node.run_label},
+                )
+            except DockerException as error:
+                # A swarm host just back from a crash answers "network <id> not found" for an
+                # overlay network until its engine has the network again (seconds).
+                if "network" in str(error.stderr) and "not found" in str(error.stderr):
+                    return False
+                raise
+            return True
+
         nemesis._instant(
             f"rebuild {old}",
             f"pg_basebackup from {new}",
-            lambda: engine.run(
-                container.image,
-                ["-c", script],
-                entrypoint="/bin/sh",
-                remove=True,
-                networks=nemesis.networks_of(old),  # the storage network, where `new` is
-                volumes=[(volume, "/var/lib/postgresql/data")],
-                envs={"PGPASSWORD": environment["REPLICATION_PASSWORD"]},
-                labels={RUN_LABEL: (container.config.labels or {})[RUN_LABEL]},
+            lambda: wait_until(
+                backup, timeout_s=60, interval_s=1.0, what=f"a base backup into {node.volume}"
             ),
         )
         nemesis._start([old])
@@ -204,6 +270,36 @@ class Failover:
             timeout_s=60,
             what=f"{old} streaming from {new} ({wanted})",
             describe=lambda: str(nemesis.replication_state(new)),
+        )
+
+
+PGDATA = "/var/lib/postgresql/data"
+
+
+@dataclass(frozen=True)
+class NodeVolume:
+    """What rebuilding a node into its volume needs, and the addresses whose sessions a
+    failover drops, read from its running container (on a swarm it goes with its task)."""
+
+    image: str
+    volume: str
+    networks: list[str]
+    addresses: list[str]  # on those networks
+    replication_password: str  # the node's own environment has the run's
+    run_label: str
+
+    @classmethod
+    def of(cls, nemesis: PostgresFaults, node: str) -> NodeVolume:
+        container = nemesis.control.container(node)
+        environment = dict(item.split("=", 1) for item in container.config.env or [])
+        networks = container.network_settings.networks or {}
+        return cls(
+            image=str(container.image),
+            volume=next(str(m.name) for m in container.mounts if m.destination == PGDATA),
+            networks=sorted(networks),
+            addresses=sorted(str(n.ip_address) for n in networks.values() if n.ip_address),
+            replication_password=environment["REPLICATION_PASSWORD"],
+            run_label=(container.config.labels or {})[RUN_LABEL],
         )
 
 
