@@ -7,16 +7,20 @@ in a schedule is counted in completed workload operations, not seconds: "hold th
 4 operations" means the same amount of traffic through the fault on a fast or a slow machine,
 and nothing sleeps. `run_schedule` applies it through a Nemesis, healing every fault of a step
 before the next (each fault heals itself, also when the run is interrupted). Faults are named
-as in harness.nemesis.registry; generated schedules draw from its cheap ones.
+as in harness.nemesis.registry; generated schedules draw from its cheap ones. `explore` runs
+generated schedules as Hypothesis examples, seeded, and keeps every example it ran and the
+smallest failing schedule it shrank to, for the report.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from hypothesis import HealthCheck, Phase, given, note, seed, settings
 from hypothesis import strategies as st
 
 from harness.nemesis import Fault, Nemesis
@@ -133,3 +137,116 @@ def schedules(
     return st.lists(
         steps(names, max_faults, max_hold, max_gap), min_size=1, max_size=max_steps
     ).map(lambda s: Schedule(tuple(s)))
+
+
+Example = Mapping[str, Any]  # what running one schedule reported: "valid", "summary" and more
+
+
+@dataclass(frozen=True)
+class Tried:
+    """One example Hypothesis ran: the schedule and what running it reported."""
+
+    schedule: Schedule
+    result: Example
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.result["valid"])
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """A seeded search over generated schedules: every example in the order Hypothesis ran
+    them, and what the search ended with (None: every schedule passed)."""
+
+    seed: int
+    max_examples: int
+    tried: tuple[Tried, ...]
+    failure: Exception | None
+    took_s: float
+
+    def examples_until_failure(self) -> int | None:
+        """How many examples it took to find a failing schedule (None: none failed)."""
+        return next((i for i, t in enumerate(self.tried, 1) if not t.valid), None)
+
+    def shrunk(self) -> Tried | None:
+        """The smallest failing schedule: Hypothesis runs the one it shrank to last, to report
+        it. None when nothing failed, or when that last run passed (Hypothesis then reports
+        the failure as flaky: it did not reproduce)."""
+        if self.failure is None or not self.tried or self.tried[-1].valid:
+            return None
+        return self.tried[-1]
+
+    def details(self) -> dict[str, Any]:
+        """For the scenario's details (summary.json, and the report's line on the shrunk
+        schedule)."""
+        found = self.examples_until_failure()
+        shrunk = self.shrunk()
+        return {
+            "hypothesis_seed": self.seed,
+            "max_examples": self.max_examples,
+            "examples": [dict(t.result) for t in self.tried],
+            "examples_until_failure": found,
+            **(
+                {"first_failing_schedule": self.tried[found - 1].schedule.describe()}
+                if found
+                else {}
+            ),
+            # Hypothesis's replays included: the failure once more before shrinking, and the
+            # shrunk schedule once more at the end.
+            "examples_shrinking": len(self.tried) - found if found else 0,
+            "search_s": self.took_s,
+            **({"smallest_failing_schedule": shrunk.schedule.describe()} if shrunk else {}),
+        }
+
+
+def explore(
+    strategy: st.SearchStrategy[Schedule],
+    *,
+    run_seed: int,
+    max_examples: int,
+    run: Callable[[Schedule, int], Example],
+) -> Exploration:
+    """Run up to `max_examples` generated schedules, `run(schedule, n)` each (n counts from 1),
+    until one reports `valid` false or raises; Hypothesis then shrinks it. Seeded by the run
+    seed, so `--run-seed` replays the same schedules. The failure is returned, not raised:
+    a scenario raises it, a meta-test expects it."""
+    tried: list[Tried] = []
+    started = time.monotonic()
+
+    @seed(run_seed)
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,  # nothing carried over from earlier runs: the seed alone decides
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        report_multiple_bugs=False,
+    )
+    @given(strategy)
+    def keeps_exactly_once(schedule: Schedule) -> None:
+        note(f"schedule: {schedule.describe()} (seed {run_seed}: --run-seed {run_seed})")
+        try:
+            result = run(schedule, len(tried) + 1)
+        except Exception as error:  # recorded like a wrong verdict; Hypothesis shrinks both
+            tried.append(Tried(schedule, _raised(schedule, error)))
+            raise
+        tried.append(Tried(schedule, result))
+        assert result["valid"], f"schedule {schedule.describe()}: {result['summary']}"
+
+    failure: Exception | None = None
+    try:
+        keeps_exactly_once()
+    except Exception as error:
+        failure = error
+    return Exploration(
+        run_seed, max_examples, tuple(tried), failure, round(time.monotonic() - started, 1)
+    )
+
+
+def _raised(schedule: Schedule, error: Exception) -> Example:
+    return {
+        "schedule": schedule.describe(),
+        "valid": False,
+        "summary": f"raised {type(error).__name__}: {error}",
+    }

@@ -4,20 +4,27 @@ the oracle; a failing schedule shrinks to the smallest one that still fails.
 Budget: 2 schedules by default and in CI (profile "ci"), 20 with
 `--hypothesis-profile thorough`. The examples are drawn from the run seed, so
 `--run-seed N` replays the same schedules; the seed and every schedule tried are in the
-scenario's details in summary.json.
+scenario's details in summary.json. `ScheduleRunner` (one schedule as one example) is shared
+with the meta-test that shrinks a schedule on a live seeded bug (test_schedule_shrink.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import settings
 
+from harness.checker import Verdict
 from harness.history import History
+from harness.nats_admin import JetStreamAdmin
 from harness.nemesis import Nemesis
-from harness.schedule import Schedule, Step, run_schedule, schedules
+from harness.pytest_plugin import Verifier
+from harness.schedule import Schedule, Step, explore, run_schedule, schedules
+from harness.stack import Endpoints, Stack
 from harness.workload import EventGenerator, IngestClient
 from scenarios.common import client_view, workload
 
@@ -29,38 +36,72 @@ def _budget() -> int:
     return 20 if getattr(settings, "_current_profile", None) == "thorough" else 2
 
 
-def _run_one(
-    schedule: Schedule, n: int, *, nemesis, endpoints, verifier, run, prefix, plot
-) -> dict:
-    history = History()
-    plot(history)  # every example's traffic and faults in the scenario's picture
-    # The example's own nemesis: its faults in the example's history, beside its operations.
-    example_nemesis = Nemesis(nemesis.stack, nemesis.endpoints, history)
-    generator = EventGenerator(
-        seed=run.seed + n,
-        run_prefix=f"{prefix}s{n}",
-        probes=[f"{prefix}s{n}-p{i}" for i in range(2)],
-        targets=["cdn.example.net", "voip.example.net"],
-        window_seconds=endpoints.window_seconds,
-    )
-    started = time.time()
-    with IngestClient(
-        endpoints.ingest_urls, endpoints.ingest_token, history, process=f"schedule-{n}"
-    ) as client:
-        with workload(client, generator, batch_size=50) as load:
-            load.progress()
-            run_schedule(schedule, example_nemesis, lambda k: load.progress(more=k, timeout_s=90))
-            load.stop()
-        client.settle(deadline_s=90)
-    verdict = verifier.observe(history, list(generator.probes), timeout_s=90)
-    return {
-        "schedule": schedule.describe(),
-        "valid": verdict.valid,
-        "duration_s": round(time.time() - started, 2),
-        "recovery_s": history.recovery_s(verdict.convergence_s) if verdict.valid else None,
-        "clients_saw": client_view(history, started, time.time()),
-        "summary": verdict.summary() if not verdict.valid else "",
-    }
+@dataclass(frozen=True)
+class ScheduleRunner:
+    """Runs one schedule as one example: its own probes, client, workload (50-event batches,
+    5 a second) and history, the schedule applied while the workload runs, then the
+    exactly-once verdict over its probes. Returns what the report shows of the example."""
+
+    stack: Stack
+    endpoints: Endpoints
+    verifier: Verifier
+    run_seed: int
+    prefix: str  # the scenario's probe prefix; each example adds its number
+    plot: Callable[[History], None]  # draws the example in the scenario's picture
+    verify_timeout_s: float = 90
+
+    def __call__(self, schedule: Schedule, n: int) -> dict[str, Any]:
+        history = History()
+        self.plot(history)
+        # The example's own nemesis: its faults in the example's history, beside its operations.
+        nemesis = Nemesis(self.stack, self.endpoints, history)
+        generator = EventGenerator(
+            seed=self.run_seed + n,
+            run_prefix=f"{self.prefix}s{n}",
+            probes=[f"{self.prefix}s{n}-p{i}" for i in range(2)],
+            targets=["cdn.example.net", "voip.example.net"],
+            window_seconds=self.endpoints.window_seconds,
+        )
+        started = time.time()
+        with IngestClient(
+            self.endpoints.ingest_urls,
+            self.endpoints.ingest_token,
+            history,
+            process=f"schedule-{n}",
+        ) as client:
+            with workload(client, generator, batch_size=50) as load:
+                load.progress()
+                run_schedule(schedule, nemesis, lambda k: load.progress(more=k, timeout_s=90))
+                load.stop()
+            client.settle(deadline_s=90)
+        # Aggregators acknowledge a batch only once it is committed, so from here on the
+        # database holds every acknowledged event: a short verify timeout is then enough for a
+        # schedule that lost some (the meta-test's failing examples wait no longer than that).
+        JetStreamAdmin(self.endpoints.nats_urls).await_acknowledged(
+            f"the aggregators acknowledging everything schedule {n} stored", timeout_s=90
+        )
+        verdict = self.verifier.observe(history, list(generator.probes), self.verify_timeout_s)
+        return {
+            "schedule": schedule.describe(),
+            "valid": verdict.valid,
+            "duration_s": round(time.time() - started, 2),
+            "recovery_s": history.recovery_s(verdict.convergence_s) if verdict.valid else None,
+            "clients_saw": client_view(history, started, time.time()),
+            **samples_off(verdict),
+            "summary": verdict.summary() if not verdict.valid else "",
+        }
+
+
+def samples_off(verdict: Verdict) -> dict[str, int]:
+    """Samples the wrong windows hold fewer than the oracle allows (acknowledged events lost)
+    and more (counted twice, or moved in)."""
+    lost = extra = 0
+    for w in verdict.wrong():
+        low, high = w.expected_samples or ((w.expected.samples,) * 2 if w.expected else (0, 0))
+        observed = w.observed.samples if w.observed else 0
+        lost += max(0, low - observed)
+        extra += max(0, observed - high)
+    return {"samples_lost": lost, "samples_extra": extra}
 
 
 @pytest.mark.slow
@@ -75,16 +116,10 @@ def test_a_fixed_schedule(
             Step(("cut-aggregator-nats", "pause-diagnoser"), hold=3, gap=0),
         )
     )
-    result = _run_one(
-        schedule,
-        0,
-        nemesis=nemesis,
-        endpoints=endpoints,
-        verifier=verifier,
-        run=run,
-        prefix=probe_prefix,
-        plot=plot_history,
+    runner = ScheduleRunner(
+        nemesis.stack, endpoints, verifier, run.seed, probe_prefix, plot_history
     )
+    result = runner(schedule, 0)
     scenario_details["examples"] = [result]
     scenario_details["recovery_s"] = result["recovery_s"]
     assert result["valid"], f"schedule {result['schedule']}: {result['summary']}"
@@ -94,41 +129,16 @@ def test_generated_fault_schedules(
     nemesis, endpoints, verifier, run, probe_prefix, scenario_details, plot_history
 ):
     """Random schedules of faults and heals; each must end with the state equal to the oracle."""
-    counter = itertools.count(1)
-    tried: list[dict] = []
-    scenario_details["hypothesis_seed"] = run.seed
-    scenario_details["examples"] = tried
-
-    @seed(run.seed)
-    @settings(
+    exploration = explore(
+        schedules(),
+        run_seed=run.seed,
         max_examples=_budget(),
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-        phases=(Phase.explicit, Phase.generate, Phase.shrink),
-        report_multiple_bugs=False,
+        run=ScheduleRunner(
+            nemesis.stack, endpoints, verifier, run.seed, probe_prefix, plot_history
+        ),
     )
-    @given(schedule=schedules())
-    def schedule_keeps_exactly_once(schedule: Schedule) -> None:
-        note(f"schedule: {schedule.describe()} (seed {run.seed}: --run-seed {run.seed})")
-        result = _run_one(
-            schedule,
-            next(counter),
-            nemesis=nemesis,
-            endpoints=endpoints,
-            verifier=verifier,
-            run=run,
-            prefix=probe_prefix,
-            plot=plot_history,
-        )
-        tried.append(result)
-        assert result["valid"], f"schedule {result['schedule']}: {result['summary']}"
-
-    try:
-        schedule_keeps_exactly_once()
-    finally:
-        failing = [r for r in tried if not r["valid"]]
-        if failing:  # the last failure Hypothesis saw is the shrunk one
-            scenario_details["smallest_failing_schedule"] = failing[-1]["schedule"]
-        valid = [r["recovery_s"] for r in tried if r["recovery_s"] is not None]
-        scenario_details["recovery_s"] = max(valid) if valid else None
+    scenario_details.update(exploration.details())
+    recoveries = [r for t in exploration.tried if (r := t.result["recovery_s"]) is not None]
+    scenario_details["recovery_s"] = max(recoveries) if recoveries else None
+    if exploration.failure is not None:
+        raise exploration.failure
