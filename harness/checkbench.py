@@ -1,7 +1,7 @@
 """The checker benchmark: a synthetic load history of N events, checked, timed and measured.
 
-``generate`` writes outcome files in the locust workers' format (scenarios/load/locustfile.py:
-an invocation line before each batch, a completion line after it) for users that behave like
+``generate`` writes outcome files in the locust workers' format (harness.load.outcomes: an
+invocation line before each batch, sent at its intended time, a completion line after it) for users that behave like
 the locustfile's: batches of fresh ids, an unknown batch resent with the same ids up to three
 times, some batches refused, each worker's last batch still in flight. A few resends change
 one payload (an id sent with two payloads). Beside the history it computes what a correct
@@ -36,6 +36,7 @@ import numpy as np
 
 from harness import checker
 from harness.checker import EPOCH, Aggregate, Observed, Rules, WindowKey
+from harness.load import outcomes
 
 __all__ = ["BenchSpec", "Generated", "Measured", "generate", "main", "measure"]
 
@@ -280,9 +281,9 @@ def generate(spec: BenchSpec, folder: Path) -> Generated:
             assert user.body is not None and user.tails is not None and user.stamps_us is not None
             numbers[worker] += 1
             n = numbers[worker]
-            head = json.dumps({"i": n, "t": now_us / 1e6, "u": URL, "p": user.process})
             out = files[worker]
-            out.write(f'{head[:-1]}, "b": {user.body}}}\n')
+            now = now_us / 1e6  # sent on time: the schedule's intended time
+            out.write(outcomes.invocation_line(n, now, now, URL, user.process, user.body))
             last = b >= batches - spec.workers  # each worker's last batch: still in flight
             draw = rng.random()
             if last:
@@ -296,8 +297,7 @@ def generate(spec: BenchSpec, folder: Path) -> Generated:
             if not last:
                 status = {"ok": 202, "fail": 422, "unknown": 503}[outcome]
                 error = "" if outcome == "ok" else f"HTTP {status}: synthetic"
-                done = {"c": n, "t": now_us / 1e6 + 0.02, "o": outcome, "s": status, "x": error}
-                out.write(json.dumps(done) + "\n")
+                out.write(outcomes.completion_line(n, now + 0.02, outcome, status, error))
             stores = outcome == "ok" or (
                 outcome == "unknown" and rng.random() < spec.stored_if_unknown
             )

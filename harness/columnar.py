@@ -2,7 +2,7 @@
 
 A History keeps every event as a Python object: 1M events took 8.6 s and 770 MB to check, and
 an hour of load is tens of millions. ``ColumnarHistory`` reads the locust workers' outcome
-files (format: scenarios/load/locustfile.py) with DuckDB into a table of events, under a memory
+files (format: harness.load.outcomes) with DuckDB into a table of events, under a memory
 limit past which DuckDB spills to a temporary folder, and applies ``checker.expectation``'s
 rules there, in two parts that together give the same Expectation:
 
@@ -39,6 +39,8 @@ import duckdb
 from harness import checker
 from harness.checker import EPOCH, Aggregate, Expectation, WindowKey, aggregate
 from harness.history import Event, History, Operation, Outcome
+from harness.load import outcomes
+from harness.load.outcomes import MISSING_COMPLETION, Dropped
 
 __all__ = [
     "DEFAULT_MEMORY_LIMIT",
@@ -49,7 +51,6 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_LIMIT = "1GB"  # DuckDB's share; Python's part is per window, not per event
-MISSING_COMPLETION = "no completion recorded (the worker stopped mid-request)"
 _OUTCOMES = {o.value for o in Outcome}
 # How the harness and the locustfile write a ts (Event.to_wire's default form): its instant
 # is read by DuckDB and Python alike. Any other form is left to Event.from_wire.
@@ -59,7 +60,7 @@ _EVENT = (
     "STRUCT(event_id VARCHAR, probe_id VARCHAR, target VARCHAR, ts VARCHAR, rtt_ms DOUBLE, "
     "jitter_ms DOUBLE, loss_pct DOUBLE, throughput_kbps DOUBLE)"
 )
-_LINE_COLUMNS = "{i: 'BIGINT', c: 'BIGINT', t: 'DOUBLE', u: 'VARCHAR', p: 'VARCHAR', o: 'VARCHAR', s: 'BIGINT', x: 'VARCHAR'}"
+_LINE_COLUMNS = "{" + ", ".join(f"{k}: '{t}'" for k, t in outcomes.LINE_COLUMNS.items()) + "}"
 _BATCH_COLUMNS = f"{{i: 'BIGINT', b: 'STRUCT(events {_EVENT}[])'}}"
 _READ = "format = 'newline_delimited', ignore_errors = true, maximum_object_size = 67108864"
 # Every finite double is a whole multiple of 2**-1074: exact sums are kept at that scale.
@@ -216,6 +217,8 @@ class ColumnarHistory:
         self._in_memory: dict[tuple[int, int], Operation] = {}
         self._ops_built = False
         self._scales: tuple[_Scale, ...] | None = None
+        # Sends the users' schedules held when the load stopped but never made (load statistics).
+        self.dropped: tuple[Dropped, ...] = ()
 
     @classmethod
     def read(
@@ -268,7 +271,7 @@ class ColumnarHistory:
         self.db.execute("INSERT INTO files VALUES (?, ?, ?)", [fid, str(path), ended_at])
         where = str(path)
         self.db.execute(
-            f"""INSERT INTO lines SELECT {fid}, i, c, t, u, p, o, s, x
+            f"""INSERT INTO lines SELECT {fid}, {", ".join(outcomes.LINE_COLUMNS)}
             FROM read_json('{where}', columns = {_LINE_COLUMNS}, {_READ})"""
         )
         self.db.execute(
@@ -294,13 +297,14 @@ class ColumnarHistory:
     def _check_lines_read(self, fid: int, path: Path) -> None:
         """DuckDB reads a line it cannot parse as a row of NULLs: allowed once, for a truncated
         last line; otherwise Python reads the file to name the damage (or the lines it
-        ignores, objects with neither "i" nor "c")."""
+        ignores, objects of no kind harness.load.outcomes knows)."""
         (unread,) = self.db.execute(
-            "SELECT count(*) FROM lines WHERE fid = ? AND i IS NULL AND c IS NULL", [fid]
+            "SELECT count(*) FROM lines WHERE fid = ? AND i IS NULL AND c IS NULL AND m IS NULL",
+            [fid],
         ).fetchone() or (0,)
         if unread <= _last_line_is_damaged(path):
             return
-        ignored = sum(1 for row in outcome_rows(path) if "i" not in row and "c" not in row)
+        ignored = sum(1 for row in outcome_rows(path) if outcomes.decode(row) is None)
         if unread > ignored + _last_line_is_damaged(path):
             raise ValueError(
                 f"{path}: DuckDB could not read {unread - ignored} line(s) that Python reads; "
@@ -315,10 +319,18 @@ class ColumnarHistory:
         path = self._dir / "outcomes-in-memory.jsonl"
         with path.open("w", encoding="utf-8") as f:
             for n, op in enumerate(ops, start=1):
-                batch = {"events": [e.to_wire() for e in op.events]}
-                head = {"i": n, "t": op.invoked_at, "u": op.endpoint, "p": op.process, "b": batch}
-                done = {"c": n, "t": op.completed_at, "o": op.outcome.value, "s": op.status}
-                f.write(json.dumps(head) + "\n" + json.dumps(done | {"x": op.error}) + "\n")
+                body = json.dumps({"events": [e.to_wire() for e in op.events]})
+                intended = op.invoked_at if op.intended_at is None else op.intended_at
+                f.write(
+                    outcomes.invocation_line(
+                        n, intended, op.invoked_at, op.endpoint, op.process, body
+                    )
+                )
+                f.write(
+                    outcomes.completion_line(
+                        n, op.completed_at, op.outcome.value, op.status, op.error
+                    )
+                )
         fid = len(self._files)
         self._add_file(path, 0.0)
         self._in_memory = {(fid, n): op for n, op in enumerate(ops, start=1)}
@@ -332,6 +344,8 @@ class ColumnarHistory:
                     WHERE c IS NOT NULL AND i IS NULL GROUP BY fid, c HAVING count(*) > 1
                 UNION ALL SELECT fid, 'invocation', i, 'has no time "t"' FROM lines
                     WHERE i IS NOT NULL AND t IS NULL
+                UNION ALL SELECT fid, 'invocation', i, 'has no intended time "d"' FROM lines
+                    WHERE i IS NOT NULL AND d IS NULL
                 UNION ALL SELECT fid, 'completion', c, 'has no time "t"' FROM lines
                     WHERE c IS NOT NULL AND i IS NULL AND t IS NULL
                 UNION ALL SELECT fid, 'completion', c, 'has outcome ' || coalesce(o, 'null')
@@ -349,7 +363,7 @@ class ColumnarHistory:
         self.db.execute(
             f"""CREATE TABLE ops AS
             SELECT row_number() OVER (ORDER BY inv.t, inv.fid, inv.i) AS op, inv.fid, inv.i,
-                inv.t AS invoked, coalesce(cmp.t, f.ended_at) AS completed,
+                inv.d AS intended, inv.t AS invoked, coalesce(cmp.t, f.ended_at) AS completed,
                 coalesce(cmp.o, 'unknown') AS outcome, cmp.s AS status,
                 CASE WHEN cmp.c IS NULL THEN '{MISSING_COMPLETION}' ELSE coalesce(cmp.x, '') END
                     AS error,
@@ -359,6 +373,11 @@ class ColumnarHistory:
             LEFT JOIN (SELECT * FROM lines WHERE c IS NOT NULL AND i IS NULL) cmp
                 ON cmp.fid = inv.fid AND cmp.c = inv.i"""
         )
+        rows = self.db.execute(
+            "SELECT m, d, t, p FROM lines WHERE m IS NOT NULL AND i IS NULL AND c IS NULL "
+            "ORDER BY d, fid"
+        ).fetchall()
+        self.dropped = tuple(Dropped(int(m), d, t, str(p)) for m, d, t, p in rows)
         self.db.execute("DROP TABLE lines")
         self._ops_built = True
 
@@ -369,13 +388,25 @@ class ColumnarHistory:
         operations given in memory come back as they were."""
         rows = self.db.execute(
             """SELECT o.fid, o.i, o.process, o.endpoint, o.invoked, o.completed, o.outcome,
-                o.status, o.error, coalesce(n.n, 0)
+                o.status, o.error, coalesce(n.n, 0), o.intended
             FROM ops o LEFT JOIN (SELECT fid, i, count(*) AS n FROM ev GROUP BY fid, i) n
                 ON n.fid = o.fid AND n.i = o.i
             ORDER BY o.op"""
         ).fetchall()
         ops = []
-        for fid, i, process, endpoint, invoked, completed, outcome, status, error, n in rows:
+        for (
+            fid,
+            i,
+            process,
+            endpoint,
+            invoked,
+            completed,
+            outcome,
+            status,
+            error,
+            n,
+            intended,
+        ) in rows:
             kept = self._in_memory.get((fid, i))
             if kept is None:
                 kept = Operation(
@@ -388,6 +419,7 @@ class ColumnarHistory:
                     None if status is None else int(status),
                     error,
                     events_omitted=n,
+                    intended_at=intended,
                 )
             ops.append(kept)
         return History(ops)
@@ -628,8 +660,8 @@ def _literal(x: float) -> str:
 
 _SCHEMA = """
 CREATE TABLE files (fid INTEGER, path VARCHAR, ended_at DOUBLE);
-CREATE TABLE lines (fid INTEGER, i BIGINT, c BIGINT, t DOUBLE, u VARCHAR, p VARCHAR,
-    o VARCHAR, s BIGINT, x VARCHAR);
+CREATE TABLE lines (fid INTEGER, i BIGINT, c BIGINT, m BIGINT, d DOUBLE, t DOUBLE, u VARCHAR,
+    p VARCHAR, o VARCHAR, s BIGINT, x VARCHAR);
 CREATE TABLE ev (fid INTEGER, i BIGINT, pos INTEGER, h UBIGINT, event_id VARCHAR,
     probe_id VARCHAR, target VARCHAR, us BIGINT, ts VARCHAR, rtt_ms DOUBLE, jitter_ms DOUBLE,
     loss_pct DOUBLE, throughput_kbps DOUBLE, odd BOOLEAN);

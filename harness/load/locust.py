@@ -18,6 +18,7 @@ from typing import Any
 from harness import checker
 from harness.columnar import ColumnarHistory, OutcomeSource, outcome_files, outcome_rows
 from harness.history import Event, History, Operation, Outcome
+from harness.load import outcomes, settings
 from harness.load.spec import LoadSpec
 from harness.polling import wait_until
 from harness.stack import ROOT
@@ -72,23 +73,23 @@ class LocustProcesses:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.users = spec.user_count()
-        self.env = {
-            **_locust_environment(),
-            "QOE_LOAD_URLS": ",".join(urls),
-            "QOE_LOAD_TOKEN": token,
-            "QOE_LOAD_PREFIX": prefix,
-            "QOE_LOAD_OUT": str(self.out_dir),
-            "QOE_LOAD_RUN_UNTIL": str(self.out_dir / "run-until"),
-            "QOE_LOAD_RATE": str(spec.rate),
-            "QOE_LOAD_USERS": str(self.users),
-            "QOE_LOAD_DURATION": str(spec.duration_s),
-            "QOE_LOAD_BATCH": str(spec.batch_size),
-            "QOE_LOAD_PROBES": str(spec.probes),
-            "QOE_LOAD_TARGETS": str(spec.targets),
-            "QOE_LOAD_DEGRADED": str(spec.degraded),
-            "QOE_LOAD_TIMEOUT": str(spec.timeout_s),
-            "QOE_LOAD_RESENDS": str(spec.resends),
-        }
+        self.env = _locust_environment() | settings.environment(
+            urls=",".join(urls),
+            token=token,
+            prefix=prefix,
+            out=self.out_dir,
+            run_until=self.out_dir / "run-until",
+            rate=spec.rate,
+            users=self.users,
+            duration=spec.duration_s,
+            batch=spec.batch_size,
+            probes=spec.probes,
+            targets=spec.targets,
+            degraded=spec.degraded,
+            timeout=spec.timeout_s,
+            resends=spec.resends,
+            seeded_bugs=",".join(spec.seeded_bugs),
+        )
         self.host = urls[0]
         self.python = python
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -106,7 +107,7 @@ class LocustProcesses:
             "--host",
             self.host,
             "--stop-timeout",
-            str(math.ceil(self.spec.timeout_s) + 1),
+            str(math.ceil(self.spec.timeout_s) + 2),
             "--csv",
             str(self.out_dir / "locust"),
             "--csv-full-history",
@@ -173,7 +174,7 @@ class LocustProcesses:
         """Keep the load going at least until the epoch time ``at`` (never shortens it): the
         locustfile's shape reads the file each second."""
         self.until = max(self.until, at)
-        target = Path(self.env["QOE_LOAD_RUN_UNTIL"])
+        target = Path(self.env[settings.BY_NAME["run_until"].env])
         partial = target.with_suffix(".partial")
         partial.write_text(f"{self.until}\n")
         partial.replace(target)  # the shape never reads half a number
@@ -257,12 +258,7 @@ def run_worker(
     if not host or not port.isdigit():
         raise ValueError(f"--master must be HOST:PORT (the master's --master-bind), got {master!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {
-        **_locust_environment(),
-        "QOE_LOAD_OUT": str(out_dir),
-        "QOE_LOAD_SHIP": "1",
-        "QOE_LOAD_WORKER_URLS": ingest_urls,
-    }
+    env = _locust_environment() | settings.environment(out=out_dir, ship=1, worker_urls=ingest_urls)
     command = [python, "-m", "locust", "-f", str(LOCUSTFILE), "--worker"]
     command += ["--master-host", host, "--master-port", port, "--loglevel", "INFO"]
     print(f"locust worker for the master at {master}; outcome file in {out_dir}", flush=True)
@@ -283,49 +279,67 @@ def read_outcomes(out_dir: Path, ended_at: float | None = None) -> History:
     """
     ops: list[Operation] = []
     for path in outcome_files(Path(out_dir)):
-        invocations: dict[int, dict[str, Any]] = {}
-        completions: dict[int, dict[str, Any]] = {}
-        for row in outcome_rows(path):
-            if "i" in row:
-                invocations[int(row["i"])] = row
-            elif "c" in row:
-                completions[int(row["c"])] = row
+        invocations: dict[int, outcomes.Invocation] = {}
+        completions: dict[int, outcomes.Completion] = {}
+        for lineno, row in enumerate(outcome_rows(path), start=1):
+            try:
+                record = outcomes.decode(row)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{path}: object {lineno}: {exc}; the outcome file is damaged"
+                ) from exc
+            if isinstance(record, outcomes.Invocation):
+                invocations[record.n] = record
+            elif isinstance(record, outcomes.Completion):
+                completions[record.n] = record
         last = ended_at if ended_at is not None else path.stat().st_mtime
-        for n, inv in invocations.items():
-            done = completions.get(n)
-            evs = tuple(Event.from_wire(e) for e in inv["b"]["events"])
-            if done is None:
-                outcome, status, error, completed = (
-                    Outcome.UNKNOWN,
-                    None,
-                    "no completion recorded (the worker stopped mid-request)",
-                    last,
-                )
-            else:
-                outcome = Outcome(done["o"])
-                status = None if done.get("s") is None else int(done["s"])
-                error, completed = str(done.get("x") or ""), float(done["t"])
-            ops.append(
-                Operation(
-                    process=str(inv["p"]),
-                    endpoint=str(inv["u"]),
-                    invoked_at=float(inv["t"]),
-                    completed_at=completed,
-                    outcome=outcome,
-                    events=evs,
-                    status=status,
-                    error=error,
-                )
-            )
+        ops.extend(_operation(inv, completions.get(n), last) for n, inv in invocations.items())
     ops.sort(key=lambda op: op.invoked_at)
     return History(ops)
+
+
+def _operation(
+    inv: outcomes.Invocation, done: outcomes.Completion | None, ended_at: float
+) -> Operation:
+    events = tuple(Event.from_wire(e) for e in inv.events)
+    if done is None:
+        outcome, status, error, completed = (
+            Outcome.UNKNOWN,
+            None,
+            outcomes.MISSING_COMPLETION,
+            ended_at,
+        )
+    else:
+        outcome, status, error = Outcome(done.outcome), done.status, done.error
+        completed = done.completed
+    return Operation(
+        process=inv.process,
+        endpoint=inv.url,
+        invoked_at=inv.sent,
+        completed_at=completed,
+        outcome=outcome,
+        events=events,
+        status=status,
+        error=error,
+        intended_at=inv.intended,
+    )
+
+
+@dataclass(frozen=True)
+class LoadHistory:
+    """A load run's history read back: the operations without their events, the oracle (given
+    a window length) and the sends the users never made."""
+
+    history: History
+    expected: checker.Expectation | None
+    dropped: tuple[outcomes.Dropped, ...]
 
 
 def read_history(
     sources: Sequence[OutcomeSource],
     in_memory: History | None = None,
     window_seconds: int | None = None,
-) -> tuple[History, checker.Expectation | None]:
+) -> LoadHistory:
     """A load run's history, as ``History.merge(read_outcomes(...), in_memory)`` orders it,
     without the events of the outcome files' batches (``Operation.events_omitted``), and,
     given a window length, its oracle: both read in bounded memory (harness.columnar)."""
@@ -333,7 +347,7 @@ def read_history(
     with ColumnarHistory.read(sources, kept) as store:
         history = store.headers()
         expected = store.expectation(window_seconds) if window_seconds is not None else None
-    return history, expected
+        return LoadHistory(history, expected, store.dropped)
 
 
 def read_locust_history(out_dir: Path) -> list[dict[str, float]]:

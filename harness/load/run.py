@@ -16,7 +16,7 @@ from harness import checker
 from harness.columnar import OutcomeSource
 from harness.history import Fault, History, Outcome, Timeline
 from harness.load.freshness import FreshnessMonitor, FreshnessSample
-from harness.load.gates import Breach, LoadStats, Slo, evaluate, stats_of
+from harness.load.gates import LATE_AFTER_S, Breach, LoadStats, Slo, evaluate, intended_at, stats_of
 from harness.load.locust import (
     REMOTE_WORKER_WAIT_S,
     LocustProcesses,
@@ -67,13 +67,19 @@ class LoadResult:
 
     def summary(self) -> str:
         whole = self.phases["run"]
-        lat, fresh = whole.latency_ms, whole.freshness_s
+        fresh = whole.freshness_s
         lines = [
             f"load {self.name}: offered {self.spec.rate:g} events/s for {self.spec.duration_s:g}s "
             f"({self.locust.users} users, batch {self.spec.batch_size}); acknowledged "
-            f"{whole.events_per_s:.0f} events/s, error rate {whole.error_rate:.2%}, latency p50/"
-            f"p95/p99 {_ms(lat['p50'])}/{_ms(lat['p95'])}/{_ms(lat['p99'])} ms, freshness p50/p95 "
-            f"{_s(fresh['p50'])}/{_s(fresh['p95'])} s ({whole.freshness_samples} samples)",
+            f"{whole.events_per_s:.0f} events/s, error rate {whole.error_rate:.2%} "
+            f"({whole.unanswered} of {whole.batches} batches unanswered)",
+            f"  response time (from the intended send) p50/p95/p99/max {_spread(whole.latency_ms)} "
+            f"ms; service time (from the send) {_spread(whole.service_ms)} ms",
+            f"  late sends (over {LATE_AFTER_S * 1000:g} ms after their intended time) "
+            f"{whole.late}, lateness p99/max {_ms(whole.lateness_ms['p99'])}/"
+            f"{_ms(whole.lateness_ms['max'])} ms; dropped sends {whole.dropped}",
+            f"  freshness p50/p95 {_s(fresh['p50'])}/{_s(fresh['p95'])} s "
+            f"({whole.freshness_samples} samples)",
         ]
         if self.verdict is not None:
             lines.append(f"exactly-once: {self.verdict.summary()}")
@@ -106,6 +112,10 @@ class LoadResult:
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}"
+
+
+def _spread(ms: Mapping[str, float | None]) -> str:
+    return "/".join(_ms(ms[k]) for k in ("p50", "p95", "p99", "max"))
 
 
 def _s(x: float | None) -> str:
@@ -169,8 +179,9 @@ def run_load(
         if timeline is not None:
             timeline.mark("workload", f"load {name} start", f"{spec.rate:g} events/s")
         if fault is not None:
-            fault_info = _inject(locust, fault, fault_name, fault_at_s, fault_for_s, say)
-            locust.run_until(fault_info["end"] + slo.recovery_grace_s + slo.after_recovery_s)
+            after_s = slo.recovery_grace_s + slo.after_recovery_s
+            fault_info = _inject(locust, fault, fault_name, fault_at_s, fault_for_s, after_s, say)
+            locust.run_until(fault_info["end"] + after_s)
         run = locust.wait()
         fresh = monitor.stop(drain_timeout_s=convergence_timeout_s / 2)
         missing = monitor.missing()
@@ -178,11 +189,12 @@ def run_load(
         raise RuntimeError(
             f"locust exited with {run.returncodes} (expected 0); its log: {locust.log_tail()}"
         )
-    history, expected = read_history(
+    read = read_history(
         [OutcomeSource(out_dir, run.ended_at)],
         monitor.history,
         endpoints.window_seconds if check else None,
     )
+    history, expected, dropped = read.history, read.expected, read.dropped
     if timeline is not None:
         timeline.mark(
             "workload",
@@ -193,15 +205,22 @@ def run_load(
         )
     # The load's own span: locust spends a while importing before its first batch.
     load_ops = [op for op in history.operations() if op.process != "freshness"]
-    start = min((op.invoked_at for op in load_ops), default=run.started_at)
+    start = min((intended_at(op) for op in load_ops), default=run.started_at)
     end = max((op.completed_at for op in load_ops), default=run.ended_at)
     gated = start + slo.warmup_s
-    phases = {"run": stats_of(history, gated, end, fresh, freshness_missing=missing)}
+    # The load stopped at `end`: every send the schedules held until then belongs to the run.
+    phases = {
+        "run": stats_of(history, gated, end, fresh, dropped=dropped, freshness_missing=missing)
+    }
     if fault_info is not None:
         grace_end = fault_info["end"] + slo.recovery_grace_s
-        phases["before"] = stats_of(history, gated, fault_info["start"], fresh)
-        phases["fault"] = stats_of(history, fault_info["start"], grace_end, fresh, overlapping=True)
-        phases["after"] = stats_of(history, grace_end, end, fresh, freshness_missing=missing)
+        phases["before"] = stats_of(history, gated, fault_info["start"], fresh, dropped=dropped)
+        phases["fault"] = stats_of(
+            history, fault_info["start"], grace_end, fresh, dropped=dropped, overlapping=True
+        )
+        phases["after"] = stats_of(
+            history, grace_end, end, fresh, dropped=dropped, freshness_missing=missing
+        )
     probe_ids = [*spec.probe_ids(prefix), sentinel_probe]
     verdict = None
     if expected is not None:
@@ -255,10 +274,13 @@ def _inject(
     fault_name: str,
     at_s: float,
     for_s: float,
+    after_s: float,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Wait until ``at_s`` into the load, hold the fault for ``for_s``, heal; return its window
-    as the nemesis recorded it (injection started to healed)."""
+    """Wait until ``at_s`` into the load, hold the fault for ``for_s``, heal (the load goes on
+    ``after_s`` past it at least); return its window
+    as the nemesis recorded it: injection started to healed (start, end), and in effect from
+    ``effect_at`` until healing began at ``healed_at``."""
     wait_until(
         lambda: locust.sending() or not locust.running(),
         timeout_s=60 + (REMOTE_WORKER_WAIT_S if locust.spec.remote_workers else 0),
@@ -273,6 +295,10 @@ def _inject(
         interval_s=0.05,
     )
     say(f"fault {fault_name or 'fault'} for {for_s:g}s")
+    # The load goes on past its duration while the fault is held and after it (the run moves
+    # this on when the fault heals late): written first, so a duration that ends during the
+    # fault's injection or healing does not stop the load then.
+    locust.run_until(time.time() + for_s + after_s)
     with fault() as held:
         wait_until(
             lambda: time.time() >= held.started_at + for_s,
@@ -282,7 +308,13 @@ def _inject(
         )
     ended = held.ended_at or time.time()
     say(f"fault {fault_name or 'fault'} healed after {ended - held.started_at:.1f}s")
-    return {"name": fault_name, "start": held.started_at, "end": ended}
+    return {
+        "name": fault_name,
+        "start": held.started_at,
+        "end": ended,
+        "effect_at": held.started_at + (held.effect_s or 0.0),
+        "healed_at": held.healed_at or ended,
+    }
 
 
 def verify(
@@ -386,10 +418,10 @@ def run_step(
         # The stages' histories hold the sentinels' events; the batches' are in their files.
         sentinels = History([op for s in stages for op in s.history if op.events])
         sources = [OutcomeSource(s.out_dir, s.locust.ended_at) for s in stages]
-        merged, expected = read_history(sources, sentinels, endpoints.window_seconds)
-        assert expected is not None
+        merged = read_history(sources, sentinels, endpoints.window_seconds)
+        assert merged.expected is not None
         probe_ids = sorted({p for s in stages for p in s.probe_ids})
-        verdict = verify(endpoints, expected, merged.last_ok_at(), probe_ids, rules)
+        verdict = verify(endpoints, merged.expected, merged.history.last_ok_at(), probe_ids, rules)
     return StepResult(
         stages=stages,
         held_rate=held.spec.rate if held else None,

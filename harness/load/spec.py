@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from harness.load.settings import default, seeded_bugs
+
 # --- what to run ------------------------------------------------------------------------------
 
 
@@ -12,19 +14,23 @@ from dataclasses import dataclass
 class LoadSpec:
     """One load run: the offered rate and how the probes behave."""
 
-    rate: float  # offered events/s over all users; 0: closed loop, as fast as answered
+    rate: float  # offered events/s over all users, on a schedule; 0: each user as fast as answered
     duration_s: float
     users: int = 0  # 0: a user per batch/s of offered rate
-    batch_size: int = 200
-    probes: int = 20
-    targets: int = 5  # per probe
-    degraded: float = 0.2  # fraction of (probe, target) pairs on a degraded link
+    batch_size: int = int(default("batch"))
+    probes: int = int(default("probes"))
+    targets: int = int(default("targets"))  # per probe
+    degraded: float = float(default("degraded"))  # fraction of (probe, target) pairs degraded
     workers: int = 0  # 0: one local locust process; N: a master and N worker processes
     remote_workers: int = 0  # workers the master waits for from other machines
     master_bind: str = "127.0.0.1"  # the master's address (all interfaces: 0.0.0.0)
     master_port: int = 0  # 0: a free port
-    timeout_s: float = 5.0
-    resends: int = 3  # an unknown batch is resent with the same ids (as a probe would)
+    timeout_s: float = float(default("timeout"))
+    resends: int = int(default("resends"))  # an unknown batch is resent with the same ids
+    seeded_bugs: tuple[str, ...] = ()  # the load generator's (settings.SEEDED_BUGS): meta-tests
+
+    def __post_init__(self) -> None:
+        seeded_bugs(",".join(self.seeded_bugs))  # an unknown name fails here, not later
 
     @property
     def distributed(self) -> bool:
@@ -35,7 +41,8 @@ class LoadSpec:
             return self.users
         if self.rate <= 0:
             return 16
-        # A user waits for each answer: at 1 batch/s it keeps pace up to ~1 s of latency.
+        # Users stand for probes: one sends a batch a second, each on its own schedule (its
+        # sends overlap when answers are slow, so the count sets no ceiling on the rate).
         return max(2, min(64, math.ceil(self.rate / self.batch_size)))
 
     def probe_ids(self, prefix: str) -> list[str]:

@@ -1,68 +1,76 @@
-"""Locust users that behave like QoE probes, and record the outcome of every batch they send.
+"""Locust users that behave like QoE probes, on an open model, and record the outcome of every
+batch they send.
 
 Run by the harness (harness/load/locust.py) in its own process(es), never inside pytest: locust
 monkey-patches the standard library with gevent.
 
-Settings are locust options (``--qoe-*``) that default to environment variables, so the token
-never goes on a command line. Locust forwards them from the master to every worker, so a worker
-on another machine needs only the master's address (``python -m harness load worker``):
+Settings: every QOE_LOAD_* setting, its default and what it means is in harness.load.settings
+(here they are locust options ``--qoe-*`` that default to those environment variables, which
+locust forwards from the master to every worker); the outcome lines are harness.load.outcomes.
+Both are standard library only: this file must not import the harness's heavier parts.
 
-    QOE_LOAD_URLS        comma list of ingest base URLs (users are spread over them)
-    QOE_LOAD_TOKEN       bearer token
-    QOE_LOAD_PREFIX      run prefix: event ids <prefix>.<worker>.<user>.<n>, probes <prefix>-p<k>
-    QOE_LOAD_RATE        offered events/s over all users and workers (0: as fast as answered)
-    QOE_LOAD_USERS       total users (to split the rate between them)
-    QOE_LOAD_DURATION    seconds of load, counted from the first tick of the test (not from
-                         process start, which on a busy machine can take seconds of imports)
-    QOE_LOAD_BATCH       events per batch (default 200)
-    QOE_LOAD_PROBES      probe cardinality (default 20)
-    QOE_LOAD_TARGETS     targets per probe (default 5)
-    QOE_LOAD_DEGRADED    fraction of (probe, target) pairs with a degraded link (default 0.2)
-    QOE_LOAD_TIMEOUT     request timeout in seconds (default 5)
-    QOE_LOAD_RESENDS     times an unknown batch is resent with the same ids (default 3)
+Open model: each user has a schedule of intended send times, one per period (users x batch /
+offered rate), from a random phase of the period that it keeps. Probes are not in step, and
+users in step turn an average rate into bursts. Constant spacing rather than Poisson arrivals:
+the random phases already spread the users, the offered rate over any second is the rate asked
+for, and what a stall does to the response times follows from the run's shape (the stall test
+in scenarios/load/test_load.py derives its bound from it). The schedule never waits for an
+answer: the user's scheduler spawns a greenlet per send into a pool of as many as its rate
+needs in flight within the timeout (``in_flight_bound``), so a slow answer does not delay the
+next send. When every one is still busy the send waits for one and goes out late; its outcome
+line says when it was meant to go ("d") and when it went ("t"), so the lateness is measured,
+not hidden. Sends the schedule held when the load stopped but that never went are counted in a
+dropped line. A resend takes the schedule's next send instead of a fresh batch: an unknown
+batch is sent again with the same ids (as a probe would), up to QOE_LOAD_RESENDS times, once
+its attempt has ended (two attempts at the same ids are never in flight together), and the
+offered request rate stays the schedule's.
 
-Each process's own environment, never forwarded:
+QOE_LOAD_RATE=0 has no schedule: each user sends its next batch when the last is answered.
+The seeded bug ``closed_model`` (QOE_LOAD_SEEDED_BUGS) brings back the closed model this file
+had before the open one, for the meta-test that shows the stall test fails on it.
 
-    QOE_LOAD_OUT         folder for this process's outcome file (outcomes-<worker>.jsonl); on
-                         the master, the folder that receives shipped outcome files
-    QOE_LOAD_SHIP        1: also send the outcome file to the master as it grows (a worker on
-                         another machine, whose folder the harness cannot read)
-    QOE_LOAD_WORKER_URLS ingest URLs as this worker's machine reaches them (default: the master's)
-    QOE_LOAD_RUN_UNTIL   on the master: a file that may hold an epoch time; the load goes on
-                         until then even past QOE_LOAD_DURATION (the harness writes it when a
-                         fault healed late, so the after-recovery phase still gets its length)
-
-The outcome file is JSON lines, written and flushed as it happens, so a killed worker loses
-nothing it sent: an invocation line {"i": n, "t": time, "u": url, "p": process, "b": body}
-before the request, a completion line {"c": n, "t": time, "o": ok|fail|unknown, "s": status,
-"x": error} after it. An invocation without a completion is an unknown outcome. A shipped file
-arrives in chunks of whole lines, at least once a second; the master keeps beside it
+A shipped file (a worker on another machine, QOE_LOAD_SHIP=1) arrives at the master in chunks
+of whole lines, at least once a second; the master keeps beside it
 outcomes-<worker>.shipped.json, which says where it came from and whether its last chunk came.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import random
 import secrets
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import gevent
-from locust import FastHttpUser, LoadTestShape, events, task
+from gevent.event import Event
+from gevent.pool import Pool
+from locust import FastHttpUser, LoadTestShape, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
+from harness.load import outcomes
+from harness.load import settings as table
 from harness.workload import classify_status
 
 WORKER = f"w{os.getpid()}{secrets.token_hex(2)}"
-OUT_DIR = os.environ.get("QOE_LOAD_OUT", "").strip() or "."
-SHIP = os.environ.get("QOE_LOAD_SHIP", "") == "1"
-WORKER_URLS = os.environ.get("QOE_LOAD_WORKER_URLS", "").strip()
-RUN_UNTIL = os.environ.get("QOE_LOAD_RUN_UNTIL", "").strip()
+
+
+def _own(name: str) -> str:
+    """One of this process's own settings (never forwarded by locust)."""
+    return os.environ.get(table.BY_NAME[name].env, "").strip() or table.default(name)
+
+
+OUT_DIR = _own("out")
+SHIP = _own("ship") == "1"
+WORKER_URLS = _own("worker_urls")
+RUN_UNTIL = _own("run_until")
 SHIP_INTERVAL_S = 1.0
 SHIP_MESSAGE = "qoe_outcomes"
 
@@ -71,27 +79,17 @@ SHIP_MESSAGE = "qoe_outcomes"
 HEALTHY = ((5.0, 80.0), (0.1, 8.0), (0.0, 0.5), (5_000.0, 100_000.0))
 DEGRADED_RANGES = ((160.0, 600.0), (31.0, 120.0), (0.0, 1.5), (50.0, 950.0))
 
-OPTIONS = (  # (option, environment variable, default)
-    ("urls", "QOE_LOAD_URLS", ""),
-    ("token", "QOE_LOAD_TOKEN", ""),
-    ("prefix", "QOE_LOAD_PREFIX", "load"),
-    ("rate", "QOE_LOAD_RATE", "0"),
-    ("users", "QOE_LOAD_USERS", "1"),
-    ("duration", "QOE_LOAD_DURATION", "30"),
-    ("batch", "QOE_LOAD_BATCH", "200"),
-    ("probes", "QOE_LOAD_PROBES", "20"),
-    ("targets", "QOE_LOAD_TARGETS", "5"),
-    ("degraded", "QOE_LOAD_DEGRADED", "0.2"),
-    ("timeout", "QOE_LOAD_TIMEOUT", "5"),
-    ("resends", "QOE_LOAD_RESENDS", "3"),
-)
-DEFAULTS = {name: default for name, _, default in OPTIONS}
-
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser: Any) -> None:
-    for name, env, default in OPTIONS:
-        parser.add_argument(f"--qoe-{name}", env_var=env, default=default, include_in_web_ui=False)
+    for s in table.RUN:
+        parser.add_argument(
+            f"--qoe-{s.name.replace('_', '-')}",
+            env_var=s.env,
+            default=s.default,
+            include_in_web_ui=False,
+            help=s.meaning,
+        )
 
 
 @dataclass(frozen=True)
@@ -110,11 +108,12 @@ class Settings:
     degraded: float
     timeout: float
     resends: int
+    seeded_bugs: frozenset[str]
 
     @classmethod
     def of(cls, options: Any) -> Settings:
         def opt(name: str) -> str:  # an empty value (QOE_LOAD_BATCH="") means the default
-            return str(getattr(options, f"qoe_{name}", "") or "").strip() or DEFAULTS[name]
+            return str(getattr(options, f"qoe_{name}", "") or "").strip() or table.default(name)
 
         urls = WORKER_URLS or opt("urls")
         return cls(
@@ -130,7 +129,25 @@ class Settings:
             degraded=float(opt("degraded")),
             timeout=float(opt("timeout")),
             resends=int(opt("resends")),
+            seeded_bugs=table.seeded_bugs(str(getattr(options, "qoe_seeded_bugs", "") or "")),
         )
+
+    @property
+    def period(self) -> float:
+        """Seconds between one user's intended sends; 0: no schedule."""
+        return self.users * self.batch / self.rate if self.rate > 0 else 0.0
+
+    @property
+    def closed(self) -> bool:
+        """Whether users send a batch at a time, the next after the answer."""
+        return self.period == 0 or "closed_model" in self.seeded_bugs
+
+    def in_flight_bound(self) -> int:
+        """Sends one user may have in flight: what its rate puts in flight within the timeout,
+        plus one for the send going out as another times out."""
+        if self.closed:
+            return 1
+        return math.ceil(self.timeout / self.period) + 1
 
     def pair_profiles(self) -> dict[tuple[str, str], tuple[tuple[float, float], ...]]:
         """Every worker derives the same (probe, target) -> profile map from the prefix."""
@@ -145,6 +162,7 @@ class Settings:
 
 
 SETTINGS: Settings | None = None
+TAILS: list[str] = []  # this process's payload pool (_tails), made once at test start
 
 
 def settings() -> Settings:
@@ -161,17 +179,20 @@ class OutcomeLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed on quit
         self._next = 0
 
-    def invoke(self, url: str, process: str, body: str) -> int:
-        self._next += 1
-        head = json.dumps({"i": self._next, "t": time.time(), "u": url, "p": process})
-        self._file.write(f'{head[:-1]}, "b": {body}}}\n')
+    def _write(self, line: str) -> None:
+        self._file.write(line)
         self._file.flush()
+
+    def invoke(self, intended: float, url: str, process: str, body: str) -> int:
+        self._next += 1
+        self._write(outcomes.invocation_line(self._next, intended, time.time(), url, process, body))
         return self._next
 
     def complete(self, n: int, outcome: str, status: int | None, error: str = "") -> None:
-        row = {"c": n, "t": time.time(), "o": outcome, "s": status, "x": error[:200]}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        self._write(outcomes.completion_line(n, time.time(), outcome, status, error))
+
+    def dropped(self, count: int, first_intended: float, process: str) -> None:
+        self._write(outcomes.dropped_line(count, first_intended, time.time(), process))
 
     def close(self) -> None:
         self._file.close()
@@ -228,7 +249,7 @@ def receive_shipped(environment: Any, msg: Any, **_kwargs: Any) -> None:
 
 LOG: OutcomeLog | None = None
 SHIPPER: Shipper | None = None
-STOPPING = False
+STOPPING = Event()  # set when the test stops: no send after it
 
 
 @events.init.add_listener
@@ -245,13 +266,21 @@ def _on_init(environment: Any, **_kwargs: Any) -> None:
 def _on_test_start(environment: Any, **_kwargs: Any) -> None:
     global SETTINGS, SHIPPER
     SETTINGS = Settings.of(environment.parsed_options)
+    for bug in sorted(SETTINGS.seeded_bugs):
+        logging.warning(
+            "SEEDED BUG ACTIVE: %s - this load generator deliberately measures wrongly", bug
+        )
     if isinstance(environment.runner, MasterRunner):
         return
     if not SETTINGS.urls:
         raise RuntimeError(
             "no ingest URL: set QOE_LOAD_URLS (run this locustfile through harness.load)"
         )
+    # Made once, before any user's schedule starts: 4096 payloads per user, made as each user
+    # started, held up the other users' sends by seconds at 20 users.
+    TAILS[:] = _tails(random.Random(f"{SETTINGS.prefix}.{WORKER}"), SETTINGS)
     ProbeUser.network_timeout = ProbeUser.connection_timeout = SETTINGS.timeout
+    ProbeUser.concurrency = SETTINGS.in_flight_bound()
     if SHIP and isinstance(environment.runner, WorkerRunner) and LOG is not None:
         SHIPPER = Shipper(environment.runner, LOG.path)
         SHIPPER.start()
@@ -259,10 +288,9 @@ def _on_test_start(environment: Any, **_kwargs: Any) -> None:
 
 @events.test_stopping.add_listener
 def _stopping(environment: Any, **_kwargs: Any) -> None:
-    # No new batch once the test stops: users woken from their wait would otherwise start one
-    # that locust then kills mid-request (an unknown outcome the run did not need).
-    global STOPPING
-    STOPPING = True
+    # No new batch once the test stops: locust would kill it mid-request (an unknown outcome
+    # the run did not need). Sends in flight end, within the timeout, before users stop.
+    STOPPING.set()
 
 
 @events.test_stop.add_listener
@@ -287,8 +315,9 @@ def classify_exception(error: BaseException | None) -> str:
 
 
 def _tails(rng: random.Random, s: Settings, count: int = 4096) -> list[str]:
-    """JSON fragments with everything but the id and ts: a pool the batches draw from, so a
-    generated event costs a few microseconds (the load generator must stay cheap)."""
+    """JSON fragments with everything but the id and ts: a pool the batches draw from (each
+    user at random), so a generated event costs a few microseconds (the load generator must
+    stay cheap)."""
     profiles = s.pair_profiles()
     pairs = list(profiles)
     tails = []
@@ -317,12 +346,17 @@ def _stamps(now: float, count: int = 16) -> list[str]:
 
 
 class ProbeUser(FastHttpUser):
-    """Posts batches like a probe: fresh ids each batch, the same batch again after an unknown."""
+    """Posts batches like a probe, on its schedule: fresh ids each batch, the same batch again
+    after an unknown outcome."""
 
     network_timeout = 5.0  # set from the settings when the test starts
     connection_timeout = 5.0
+    concurrency = 1  # the session's connections: Settings.in_flight_bound, set at test start
     max_retries = 0
     host = "http://ingest.invalid"  # every request names its full URL
+    # Only between runs of the task, which returns when the test stops (then locust stops the
+    # user during this wait).
+    wait_time = constant(0.1)
     _instances = 0
 
     def on_start(self) -> None:
@@ -333,31 +367,56 @@ class ProbeUser(FastHttpUser):
         self.process = f"{WORKER}.u{self.index}"
         self.ids = f"{s.prefix}.{self.process}"  # event ids: <ids>.<n>
         self.rng = random.Random(f"{s.prefix}.{self.process}")
-        self.tails = _tails(self.rng, s)
         self.batch = s.batch
         self.resend_limit = s.resends
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {s.token}"}
-        pace = s.rate / s.batch / s.users  # batches/s for this user
-        self.period = 1 / pace if pace > 0 else 0.0
+        self.period = s.period
         self.sent = 0
-        self.pending: str | None = None  # body of an unknown batch still to resend
-        self.resends = 0
-        # Real probes are not in step. Users spawned within a quarter of a second and paced
-        # from then on send in one burst per period: ingest would see several times the
-        # offered rate for part of each second and nothing for the rest. So each user starts
-        # at a random phase of its period and keeps it.
-        self.due = time.monotonic() + self.rng.uniform(0, self.period)
-        gevent.sleep(max(0.0, self.due - time.monotonic()))
+        self.to_resend: deque[tuple[str, int]] = deque()  # (body, resends so far) of unknowns
+        self.in_flight = Pool(s.in_flight_bound())
+        # Real probes are not in step: each user starts at a random phase of its period and
+        # keeps it (users in step send in one burst per period).
+        self.first_due = time.time() + self.rng.uniform(0, self.period)
 
-    def wait_time(self) -> float:
-        """Until the next slot of this user's period; no catching up after a slow answer."""
-        now = time.monotonic()
-        self.due = max(self.due + self.period, now)
-        return self.due - now
+    @task
+    def send_on_schedule(self) -> None:
+        """The user's sends until the test stops."""
+        if settings().closed:
+            self._closed_loop()
+        else:
+            self._open_schedule()
 
-    def _body(self) -> str:
+    def _open_schedule(self) -> None:
+        due = self.first_due
+        while not STOPPING.wait(max(0.0, due - time.time())):
+            while self.in_flight.full() and not STOPPING.is_set():
+                self.in_flight.wait_available(timeout=0.05)  # late: every connection is busy
+            if STOPPING.is_set():
+                break
+            self.in_flight.spawn(self._post, due)
+            due += self.period
+        missed = math.floor((time.time() - due) / self.period) + 1
+        if missed > 0:
+            assert LOG is not None, "no outcome log: this process is a master"
+            LOG.dropped(missed, due, self.process)
+        self.in_flight.join()
+
+    def _closed_loop(self) -> None:
+        """A batch at a time, the next only after the answer: no schedule (rate 0), or the
+        seeded bug closed_model, the user model this file had before the open one, whose
+        schedule slides past a slow answer (no catching up) and so records the time it then
+        sends as the intended one: a stall never enters its response times."""
+        due = self.first_due
+        while not STOPPING.wait(max(0.0, due - time.time())):
+            self._post(due)
+            due = max(due + self.period, time.time())
+
+    def _next_body(self) -> tuple[str, int]:
+        """An unknown batch to resend (the oldest) with its resends so far, or a fresh one."""
+        if self.to_resend:
+            return self.to_resend.popleft()
         stamps = _stamps(time.time())
-        tails, ids = self.tails, self.ids
+        tails, ids = TAILS, self.ids
         rand = self.rng.randrange
         first = self.sent + 1
         self.sent += self.batch
@@ -365,18 +424,12 @@ class ProbeUser(FastHttpUser):
             f'{{"event_id":"{ids}.{n}","ts":"{stamps[n % 16]}",{tails[rand(4096)]}}}'
             for n in range(first, first + self.batch)
         )
-        return f'{{"events":[{events}]}}'
+        return f'{{"events":[{events}]}}', 0
 
-    @task
-    def post_batch(self) -> None:
-        if STOPPING:
-            return
-        if self.pending is not None and self.resends < self.resend_limit:
-            body, self.resends = self.pending, self.resends + 1
-        else:
-            body, self.pending, self.resends = self._body(), None, 0
+    def _post(self, intended: float) -> None:
+        body, resends = self._next_body()
         assert LOG is not None, "no outcome log: this process is a master"
-        n = LOG.invoke(self.url, self.process, body)
+        n = LOG.invoke(intended, self.url, self.process, body)
         with self.client.post(
             self.url, data=body, headers=self.headers, name="POST /v1/events", catch_response=True
         ) as resp:
@@ -389,10 +442,10 @@ class ProbeUser(FastHttpUser):
             LOG.complete(n, outcome, resp.status_code or None, error)
             if outcome == "ok":
                 resp.success()
-                self.pending = None
             else:
                 resp.failure(error)
-                self.pending = body if outcome == "unknown" else None
+        if outcome == "unknown" and resends < self.resend_limit:
+            self.to_resend.append((body, resends + 1))
 
 
 def run_until() -> float:

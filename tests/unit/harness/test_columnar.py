@@ -20,6 +20,7 @@ from harness.checker import Observed, Rules, Verdict, WindowKey, aggregate, expe
 from harness.columnar import ColumnarHistory, OutcomeSource, _exact, _rounded, _Scale
 from harness.history import Event, History, Operation, Outcome, TsForm
 from harness.load import read_outcomes
+from harness.load.outcomes import completion_line, invocation_line
 from harness.workload import batches
 
 W = 60
@@ -64,15 +65,14 @@ def write_outcomes(folder: Path, ops: Sequence[Operation], in_flight: Iterable[i
         worker = o.process.split(".")[0]
         numbers[worker] = numbers.get(worker, 0) + 1
         i = numbers[worker]
-        head = json.dumps({"i": i, "t": o.invoked_at, "u": o.endpoint, "p": o.process})
         body = json.dumps({"events": [e.to_wire() for e in o.events]}, separators=(",", ":"))
+        intended = o.invoked_at if o.intended_at is None else o.intended_at
         out = lines.setdefault(worker, [])
-        out.append(f'{head[:-1]}, "b": {body}}}')
+        out.append(invocation_line(i, intended, o.invoked_at, o.endpoint, o.process, body))
         if n not in stopped:
-            done = {"c": i, "t": o.completed_at, "o": o.outcome.value, "s": o.status}
-            out.append(json.dumps(done | {"x": o.error}))
+            out.append(completion_line(i, o.completed_at, o.outcome.value, o.status, o.error))
     for worker, rows in lines.items():
-        (folder / f"outcomes-{worker}.jsonl").write_text("\n".join(rows) + "\n")
+        (folder / f"outcomes-{worker}.jsonl").write_text("".join(rows))
     return folder
 
 
@@ -375,8 +375,11 @@ def test_the_temporary_folder_is_removed(tmp_path: Path) -> None:
     dropped = ColumnarHistory.read([OutcomeSource(tmp_path / "run")], work_dir=tmp_path)
     del dropped  # never closed: its folder goes with it
     assert not list(tmp_path.glob("qoe-columnar-*"))
-    (tmp_path / "run" / "outcomes-w2.jsonl").write_text('{"i": 1, "t": null}\n')
+    (tmp_path / "run" / "outcomes-w2.jsonl").write_text('{"i": 1, "d": 1.0, "t": null}\n')
     with pytest.raises(ValueError, match='invocation 1 has no time "t"'):
+        ColumnarHistory.read([OutcomeSource(tmp_path / "run")], work_dir=tmp_path)
+    (tmp_path / "run" / "outcomes-w2.jsonl").write_text('{"i": 1, "t": 1.0}\n')
+    with pytest.raises(ValueError, match='invocation 1 has no intended time "d"'):
         ColumnarHistory.read([OutcomeSource(tmp_path / "run")], work_dir=tmp_path)
     assert not list(tmp_path.glob("qoe-columnar-*"))
 

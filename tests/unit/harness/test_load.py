@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from harness.load import (
     Breach,
     FreshnessSample,
     LoadSpec,
+    LoadStats,
     LocustProcesses,
     Slo,
     evaluate,
     load_slo,
+    outcomes,
     percentile,
     read_locust_history,
     read_outcomes,
@@ -39,14 +42,13 @@ def wire(event_id: str, probe: str = "L1-p0") -> dict[str, object]:
     ).to_wire()
 
 
-def invocation(n: int, t: float, ids: list[str]) -> str:
+def invocation(n: int, t: float, ids: list[str], late: float = 0.0) -> str:
     body = json.dumps({"events": [wire(i) for i in ids]})
-    head = json.dumps({"i": n, "t": t, "u": "http://x/v1/events", "p": "w1.u1"})
-    return f'{head[:-1]}, "b": {body}}}'
+    return outcomes.invocation_line(n, t - late, t, "http://x/v1/events", "w1.u1", body).strip()
 
 
 def completion(n: int, t: float, outcome: str, status: int | None) -> str:
-    return json.dumps({"c": n, "t": t, "o": outcome, "s": status, "x": ""})
+    return outcomes.completion_line(n, t, outcome, status).strip()
 
 
 def test_read_outcomes_pairs_invocations_with_completions(tmp_path: Path) -> None:
@@ -55,9 +57,10 @@ def test_read_outcomes_pairs_invocations_with_completions(tmp_path: Path) -> Non
             [
                 invocation(1, 10.0, ["a", "b"]),
                 completion(1, 10.1, "ok", 202),
-                invocation(2, 11.0, ["c"]),
+                invocation(2, 11.0, ["c"], late=0.3),
                 completion(2, 11.2, "unknown", 503),
                 invocation(3, 12.0, ["d"]),  # the worker stopped before the answer
+                outcomes.dropped_line(2, 12.5, 13.0, "w1.u1").strip(),  # not an operation
             ]
         )
         + "\n"
@@ -71,6 +74,7 @@ def test_read_outcomes_pairs_invocations_with_completions(tmp_path: Path) -> Non
     assert by_first["a"].outcome is Outcome.OK and by_first["a"].status == 202
     assert [e.event_id for e in by_first["a"].events] == ["a", "b"]
     assert by_first["c"].outcome is Outcome.UNKNOWN and by_first["c"].status == 503
+    assert by_first["c"].intended_at == pytest.approx(10.7) and by_first["c"].invoked_at == 11.0
     assert by_first["d"].outcome is Outcome.UNKNOWN and by_first["d"].completed_at == 20.0
     assert "stopped mid-request" in by_first["d"].error
     assert by_first["e"].outcome is Outcome.FAIL
@@ -98,10 +102,17 @@ def test_a_remote_workers_outcomes_must_have_arrived_whole(tmp_path: Path) -> No
 
 
 def op(
-    t: float, outcome: Outcome, n: int, latency: float = 0.1, status: int | None = 202
+    t: float,
+    outcome: Outcome,
+    n: int,
+    latency: float = 0.1,
+    status: int | None = 202,
+    late: float = 0.0,
 ) -> Operation:
+    """A batch meant to go out at t, sent `late` after that, ended `latency` after sending."""
     events = tuple(Event.from_wire(wire(f"{t}-{i}")) for i in range(n))
-    return Operation("w.u1", "u", t, t + latency, outcome, events, status)
+    sent = t + late
+    return Operation("w.u1", "u", sent, sent + latency, outcome, events, status, intended_at=t)
 
 
 def test_stats_of_counts_a_phase_and_ignores_the_sentinels() -> None:
@@ -109,21 +120,49 @@ def test_stats_of_counts_a_phase_and_ignores_the_sentinels() -> None:
         [
             op(0.0, Outcome.OK, 100, 0.010),
             op(1.0, Outcome.OK, 100, 0.020),
-            op(2.0, Outcome.UNKNOWN, 100, 2.0, status=503),
-            op(3.0, Outcome.FAIL, 100, 0.001, status=None),  # no answer: no latency
+            op(2.0, Outcome.UNKNOWN, 100, 2.0, status=None),  # timed out: in, at its timeout
+            op(3.0, Outcome.FAIL, 100, 0.001, status=None),  # refused: in, errors count
             op(9.0, Outcome.OK, 100, 0.030),  # outside the phase
             Operation("freshness", "u", 1.0, 1.5, Outcome.OK, (), 202),
         ]
     )
     fresh = [FreshnessSample(0.5, 0.4), FreshnessSample(1.5, 0.8), FreshnessSample(9.5, 5.0)]
     s = stats_of(history, 0.0, 4.0, fresh)
-    assert (s.batches, s.ok, s.failed, s.unknown) == (4, 2, 1, 1)
+    assert (s.batches, s.ok, s.failed, s.unknown, s.unanswered) == (4, 2, 1, 1, 2)
     assert s.events_acked == 200 and s.events_per_s == 50.0
     assert s.error_rate == 0.5
-    assert s.latency_ms["p50"] == pytest.approx(20.0)
+    assert s.latency_ms["p50"] == pytest.approx(10.0)
     assert s.latency_ms["max"] == pytest.approx(2000.0)
     assert s.freshness_s == {"p50": 0.4, "p95": 0.8, "max": 0.8}
     assert s.freshness_samples == 2
+
+
+def test_response_time_counts_from_the_intended_send_and_service_time_from_the_send() -> None:
+    # A stall: the batches meant for 1.0 and 1.5 went out 1.2 s and 0.7 s late (no free
+    # connection), each then answered in 50 ms; the one at 0.0 went on time.
+    history = History(
+        [
+            op(0.0, Outcome.OK, 10, 0.05),
+            op(1.0, Outcome.OK, 10, 0.05, late=1.2),
+            op(1.5, Outcome.OK, 10, 0.05, late=0.7),
+            op(2.0, Outcome.OK, 10, 0.05, late=0.05),  # within LATE_AFTER_S: on time
+        ]
+    )
+    s = stats_of(history, 0.0, 4.0)
+    assert s.service_ms["max"] == pytest.approx(50.0) and s.service_ms["p50"] == pytest.approx(50)
+    assert s.latency_ms["max"] == pytest.approx(1250.0)
+    assert s.latency_ms["p50"] == pytest.approx(100.0)  # 50, 100, 750, 1250
+    assert s.late == 2 and s.lateness_ms["max"] == pytest.approx(1200.0)
+    # A phase holds the batches meant for it, whenever they went.
+    assert stats_of(history, 1.0, 2.0).batches == 0  # 1.0 and 1.5 ended after 2.0
+    assert stats_of(history, 1.0, 3.0).batches == 3
+
+
+def test_dropped_sends_count_in_the_phase_they_were_meant_for() -> None:
+    history = History([op(float(t), Outcome.OK, 10, 0.05) for t in range(10)])
+    dropped = [outcomes.Dropped(3, 9.5, 9.6, "w.u1"), outcomes.Dropped(1, 20.0, 20.0, "w.u2")]
+    assert stats_of(history, 0.0, 10.0, dropped=dropped).dropped == 3
+    assert stats_of(history, 0.0, 5.0, dropped=dropped).dropped == 0
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -132,11 +171,9 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 99) is None
 
 
-def stats(**overrides: object):
+def stats(**overrides: object) -> LoadStats:
     history = History([op(float(i) / 10, Outcome.OK, 100, 0.05) for i in range(100)])
     base = stats_of(history, 0.0, 10.0, [FreshnessSample(1.0, 0.5)])
-    from dataclasses import replace
-
     return replace(base, **overrides)
 
 
@@ -163,6 +200,17 @@ def test_evaluate_rate_fraction_missing_freshness_and_missing_convergence() -> N
     assert by_name["max_convergence_s"].measured is None
     assert "nothing measured" in by_name["max_convergence_s"].message()
     assert evaluate(Slo(), stats(), offered_rate=0) == []  # closed loop: no rate to hold
+
+
+def test_late_and_dropped_sends_are_gated() -> None:
+    on_time = stats()
+    assert evaluate(Slo(), on_time, offered_rate=0) == []
+    breaches = evaluate(Slo(), replace(on_time, late=2, dropped=1), offered_rate=0)
+    by_name = {b.threshold: b for b in breaches}
+    assert set(by_name) == {"max_late_fraction", "max_dropped"}
+    assert by_name["max_late_fraction"].measured == pytest.approx(0.02)
+    assert "max_dropped measured 1 sends, limit <= 0 sends" in by_name["max_dropped"].message()
+    assert evaluate(Slo(max_late_fraction=0.05), replace(on_time, late=2), offered_rate=0) == []
 
 
 def test_breach_message_says_the_phase() -> None:
@@ -302,7 +350,8 @@ def test_read_history_gives_headers_and_the_same_oracle_as_read_outcomes(tmp_pat
                 completion(1, 10.1, "ok", 202),
                 invocation(2, 11.0, ["c"]),
                 completion(2, 11.2, "unknown", 503),
-                invocation(3, 12.0, ["c"]),  # the resend, stopped before the answer
+                invocation(3, 12.0, ["c"], late=0.5),  # the resend, stopped before the answer
+                outcomes.dropped_line(2, 12.5, 13.0, "w1.u1").strip(),
             ]
         )
         + "\n"
@@ -310,12 +359,75 @@ def test_read_history_gives_headers_and_the_same_oracle_as_read_outcomes(tmp_pat
     sentinel = op(10.5, Outcome.OK, 1)
     sentinels = History([sentinel])
     full = History.merge(read_outcomes(tmp_path, ended_at=20.0), sentinels)
-    headers, expected = read_history([OutcomeSource(tmp_path, 20.0)], sentinels, 60)
+    read = read_history([OutcomeSource(tmp_path, 20.0)], sentinels, 60)
+    headers, expected = read.history, read.expected
+    assert read.dropped == (outcomes.Dropped(2, 12.5, 13.0, "w1.u1"),)
     assert [o.batch_size for o in headers] == [2, 1, 1, 1]
+    assert headers.operations()[-1].intended_at == pytest.approx(11.5)
     assert headers.operations()[1] is sentinel  # kept as given, events and all
     assert [o.invoked_at for o in headers] == [o.invoked_at for o in full]
     assert stats_of(headers, 0.0, 30.0) == stats_of(full, 0.0, 30.0)
     in_memory = expectation(full, 60)
     assert expected is not None and expected.choices == in_memory.choices
     assert (expected.acked_events, expected.unknown_events) == (3, 1)
-    assert read_history([OutcomeSource(tmp_path, 20.0)])[1] is None  # no window: no oracle
+    assert read_history([OutcomeSource(tmp_path, 20.0)]).expected is None  # no window
+
+
+def test_outcome_lines_decode_to_what_was_written() -> None:
+    body = json.dumps({"events": [wire("a")]})
+    line = outcomes.invocation_line(7, 1.5, 1.75, "http://x/v1/events", "w1.u2", body)
+    assert outcomes.decode(json.loads(line)) == outcomes.Invocation(
+        7, 1.5, 1.75, "http://x/v1/events", "w1.u2", [wire("a")]
+    )
+    done = outcomes.completion_line(7, 2.0, "unknown", None, "x" * 500)
+    assert outcomes.decode(json.loads(done)) == outcomes.Completion(
+        7, 2.0, "unknown", None, "x" * outcomes.ERROR_CHARS
+    )
+    assert outcomes.decode(json.loads(outcomes.dropped_line(3, 4.0, 5.0, "w1.u2"))) == (
+        outcomes.Dropped(3, 4.0, 5.0, "w1.u2")
+    )
+    assert outcomes.decode({"note": "ignored"}) is None
+    with pytest.raises(ValueError, match="lacks 'd'"):
+        outcomes.decode({"i": 1, "t": 1.0, "u": "u", "p": "p", "b": {"events": []}})
+    with pytest.raises(ValueError, match="an outcome is one of ok, fail, unknown"):
+        outcomes.completion_line(1, 1.0, "maybe", None)
+
+
+def test_one_table_of_settings_sets_the_locust_environment(tmp_path: Path) -> None:
+    from harness.load import settings
+
+    assert settings.environment(batch=100, seeded_bugs="closed_model") == {
+        "QOE_LOAD_BATCH": "100",
+        "QOE_LOAD_SEEDED_BUGS": "closed_model",
+    }
+    with pytest.raises(ValueError, match=r"unknown load settings \['batch_size'\]"):
+        settings.environment(batch_size=100)
+    assert LoadSpec(rate=1, duration_s=1).batch_size == int(settings.default("batch"))
+    env = LocustProcesses(LoadSpec(rate=1, duration_s=1), ["http://a"], "t", "L1", tmp_path).env
+    assert {s.env for s in settings.RUN} - {"QOE_LOAD_WORKER_URLS"} <= set(env)
+
+
+def test_unknown_seeded_bugs_of_the_load_generator_are_refused() -> None:
+    from harness.load import settings
+
+    assert settings.seeded_bugs(" closed_model, ") == {"closed_model"}
+    with pytest.raises(ValueError, match=r"unknown bug.*closed_modle.*valid names: closed_model"):
+        settings.seeded_bugs("closed_modle")
+    with pytest.raises(ValueError, match="closed_modle"):
+        LoadSpec(rate=1, duration_s=1, seeded_bugs=("closed_modle",))
+
+
+def test_the_load_package_imports_its_parts_only_when_used() -> None:
+    """The locustfile imports harness.load.settings and .outcomes in every locust process:
+    the package must not bring Docker clients and DuckDB with them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, harness.load.settings, harness.load.outcomes; "
+        "print(sorted(m for m in sys.modules if m.startswith(('harness.', 'duckdb', 'docker'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert (
+        out.stdout.strip() == "['harness.load', 'harness.load.outcomes', 'harness.load.settings']"
+    )

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
@@ -20,7 +21,7 @@ from typing import ClassVar
 
 import pytest
 
-from harness.history import Outcome
+from harness.history import Operation, Outcome
 from harness.load import LoadSpec, LocustProcesses, read_outcomes, stats_of
 
 
@@ -62,6 +63,81 @@ def fake_ingest() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+class StallingIngest(BaseHTTPRequestHandler):
+    """202 for every batch, but from 1 s after the first request until 3 s after it nothing
+    is answered: requests arriving then wait until the stall ends (a frozen ingest)."""
+
+    stall: ClassVar[list[float]] = []  # [start, end], set by the first request
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            if not self.stall:
+                first = time.time()
+                self.stall.extend([first + 1.0, first + 3.0])
+        start, end = self.stall
+        if start <= time.time() < end:
+            time.sleep(end - time.time())  # the fake server's own stall, not a wait for one
+        payload = b'{"accepted": 1, "duplicates": 0}'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stalling_ingest() -> Iterator[str]:
+    StallingIngest.stall.clear()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingIngest)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def sent_into_a_stall(url: str, out: Path, seeded_bugs: tuple[str, ...] = ()) -> list[Operation]:
+    """The operations of 2 users, a batch each 0.2 s for 5 s, meant to go out while the
+    ingest at `url` stalled (StallingIngest)."""
+    spec = LoadSpec(
+        rate=100, duration_s=5, users=2, batch_size=10, probes=1, targets=1, seeded_bugs=seeded_bugs
+    )
+    with LocustProcesses(spec, [url], "t", "Ls1", out) as locust:
+        run = locust.wait(timeout_s=60)
+    assert run.returncodes == (0,), locust.log_tail()
+    start, end = StallingIngest.stall
+    ops = read_outcomes(out, run.ended_at).operations()
+    return [op for op in ops if op.intended_at is not None and start <= op.intended_at < end]
+
+
+def test_the_open_model_keeps_sending_through_a_stall(stalling_ingest: str, tmp_path: Path) -> None:
+    """Each user's sends go out on schedule while the ingest answers nothing, each waiting
+    until the stall ends: its response time holds the stall, its service time too."""
+    during = sent_into_a_stall(stalling_ingest, tmp_path)
+    _, end = StallingIngest.stall
+    assert len(during) >= 2 * (2.0 / 0.2) - 2, f"only {len(during)} sends meant for the stall"
+    assert all(op.invoked_at - op.intended_at < 0.1 for op in during if op.intended_at)
+    assert all(op.completed_at >= end - 0.01 for op in during)
+
+
+def test_the_closed_model_seeded_bug_stops_sending_in_a_stall(
+    stalling_ingest: str, tmp_path: Path
+) -> None:
+    """closed_model (QOE_LOAD_SEEDED_BUGS): a user waits for its answer, so during the stall
+    its schedule holds no send at all; the stall is in no response time but the one batch
+    per user that was in flight (coordinated omission)."""
+    during = sent_into_a_stall(stalling_ingest, tmp_path / "closed", ("closed_model",))
+    assert len(during) <= 2, f"{len(during)} sends meant for the stall"
+    warned = (tmp_path / "closed" / "locust-0.log").read_text()
+    assert "SEEDED BUG ACTIVE: closed_model" in warned
 
 
 def closed_port() -> str:
@@ -123,14 +199,21 @@ def test_users_send_out_of_step_each_at_its_own_pace(fake_ingest: str, tmp_path:
     with LocustProcesses(spec, [fake_ingest], FakeIngest.token, "Lt4", tmp_path) as locust:
         run = locust.wait(timeout_s=60)
     assert run.returncodes == (0,), locust.log_tail()
-    sends: dict[str, list[float]] = {}
+    intended: dict[str, list[float]] = {}
+    lateness = []
     for op in read_outcomes(tmp_path, run.ended_at).operations():
-        sends.setdefault(op.process, []).append(op.invoked_at)
-    assert len(sends) == 20
-    firsts = sorted(min(times) for times in sends.values())
+        assert op.intended_at is not None
+        intended.setdefault(op.process, []).append(op.intended_at)
+        lateness.append(op.invoked_at - op.intended_at)
+    assert len(intended) == 20
+    firsts = sorted(min(times) for times in intended.values())
     assert firsts[-1] - firsts[0] > 0.5, f"first batches within {firsts[-1] - firsts[0]:.2f} s"
-    gaps = sorted(b - a for times in sends.values() for a, b in pairwise(sorted(times)))
-    assert 0.9 < gaps[len(gaps) // 2] < 1.1, f"median gap {gaps[len(gaps) // 2]:.2f} s, not 1 s"
+    gaps = {round(b - a, 6) for times in intended.values() for a, b in pairwise(sorted(times))}
+    assert gaps == {1.0}, f"intended sends {sorted(gaps)} s apart, not 1 s"
+    lateness.sort()
+    assert lateness[len(lateness) // 2] < 0.05, (
+        f"median send {lateness[len(lateness) // 2]:.3f} s late"
+    )
 
 
 def test_a_remote_worker_ships_its_outcomes_to_the_master(fake_ingest: str, tmp_path: Path) -> None:
