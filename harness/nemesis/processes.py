@@ -140,17 +140,23 @@ class ProcessFaults(NemesisCore):
     @contextmanager
     def paused(self, *services: str) -> Iterator[Fault]:
         """Freeze services (docker pause: cgroup freezer) for the body, all at once, then
-        unpause them."""
+        unpause them.
+
+        Their containers are looked up once, before the fault's clock starts: a lookup is a
+        `docker compose ps`, seconds each at a load average of 50, and looking them up again
+        to pause, check and unpause stretched a 5 s freeze of both ingest replicas to 22 s.
+        """
+        frozen = [(self.control.engine(s), self.control.container(s)) for s in services]
 
         def unpause() -> None:
-            for service in services:
-                container = self.control.container(service)
+            for engine, container in frozen:
                 if container.state.paused:
-                    self.control.engine(service).container.unpause(container)
+                    engine.container.unpause(container)
 
         def pause() -> bool:
-            running = [s for s in services if not self.control.container(s).state.paused]
-            self._on_each_engine(running, lambda engine, cs: engine.container.pause(cs))
+            for engine, container in frozen:
+                if not container.state.paused:
+                    engine.container.pause(container)
             return True
 
         with self.fault(
@@ -160,7 +166,7 @@ class ProcessFaults(NemesisCore):
             inject=lambda: wait_until(
                 pause, timeout_s=20, interval_s=0.5, what=f"{', '.join(services)} paused"
             ),
-            effect=lambda: all(self.control.container(s).state.paused for s in services),
+            effect=lambda: all(container.state.paused for _, container in frozen),
             heal=[unpause],
         ) as fault:
             yield fault
