@@ -31,7 +31,9 @@ Why this shape:
   first (the baseline), else every mutant would look killed.
 - **Which mutants.** Every position cosmic-ray's core operators find in the data path's
   modules (`MODULES`), except those that cannot change what the pipeline stores or answers:
-  `|` in annotations (type unions), logging and metrics statements. SQL is not mutated:
+  `|` in annotations (type unions), logging and metrics statements, and code that runs only
+  with a seeded bug on (`if <flag>:` bodies, the other operands of `<flag> and ...`; the run
+  switches no bug on, so those mutants are equivalent by construction). SQL is not mutated:
   cosmic-ray mutates Python syntax only, and the aggregator's and the migrations' SQL are
   strings to it. `--sample N --seed S` draws N of them; `--budget-minutes` stops starting new
   ones (those left are reported as not run).
@@ -185,8 +187,59 @@ def _in_annotation(node: parso.tree.NodeOrLeaf) -> bool:
     return False
 
 
-def excluded(node: parso.tree.NodeOrLeaf, operator: str) -> str:
-    """Why a mutation at `node` cannot change the data path ("" when it can)."""
+def seeded_bug_flags(source: str) -> frozenset[str]:
+    """Names given `bugs.enabled(...)` in `source` (`self.ack_first = bugs.enabled(...)`,
+    `early_ack=bugs.enabled(...)`): true only while that seeded bug is on."""
+    return frozenset(re.findall(r"(\w+)\s*=\s*bugs\.enabled\(", source))
+
+
+def _is_flag(node: parso.tree.NodeOrLeaf, flags: frozenset[str]) -> bool:
+    code = node.get_code().strip()
+    if re.fullmatch(r"bugs\.enabled\(.*\)", code):
+        return True
+    return bool(re.fullmatch(r"[\w.]+", code)) and code.split(".")[-1] in flags
+
+
+def _flag_operand(test: parso.tree.NodeOrLeaf, flags: frozenset[str]) -> bool:
+    """Whether `test` is a seeded bug's flag, or an `and` of which one operand is."""
+    if test.type == "and_test" and isinstance(test, parso.tree.BaseNode):
+        return any(_is_flag(operand, flags) for operand in test.children[::2])
+    return _is_flag(test, flags)
+
+
+def _is_other_operand(
+    child: parso.tree.NodeOrLeaf, and_test: parso.tree.BaseNode, flags: frozenset[str]
+) -> bool:
+    """Whether `child` is an operand (not an `and` keyword) of `and_test` other than its
+    flag, while one operand is a flag."""
+    is_operand = and_test.children.index(child) % 2 == 0
+    return is_operand and not _is_flag(child, flags) and _flag_operand(and_test, flags)
+
+
+def only_with_a_seeded_bug(node: parso.tree.NodeOrLeaf, flags: frozenset[str]) -> bool:
+    """Whether `node` only runs, or only counts, while a seeded bug is on (all are off in the
+    run): the first branch of `if <flag>` or `if <flag> and ...`, or another operand of an
+    `and` with a flag."""
+    child, parent = node, node.parent
+    while parent is not None:
+        if parent.type == "if_stmt" and isinstance(parent, parso.tree.BaseNode):
+            first_test, first_suite = parent.children[1], parent.children[3]
+            if child is first_suite and _flag_operand(first_test, flags):
+                return True
+        in_and = parent.type == "and_test" and isinstance(parent, parso.tree.BaseNode)
+        if in_and and _is_other_operand(child, parent, flags):
+            return True
+        child, parent = parent, parent.parent
+    return False
+
+
+def excluded(
+    node: parso.tree.NodeOrLeaf, operator: str, flags: frozenset[str] = frozenset()
+) -> str:
+    """Why a mutation at `node` cannot change the data path ("" when it can); `flags`: the
+    module's seeded bug flags (seeded_bug_flags)."""
+    if only_with_a_seeded_bug(node, flags):
+        return "code that runs only with a seeded bug on"
     if "_BitOr_" in operator and _in_annotation(node):
         return "a type union in an annotation"
     if node.type == "operator" and node.parent is not None and node.parent.type == "parameters":
@@ -204,12 +257,13 @@ def mutants_of(module: str, source: str) -> list[Mutant]:
     walk of the tree, excluded ones included), so `mutate_code` applies the same one."""
     tree = get_ast(source)
     nodes = list(ast_nodes(tree))
+    flags = seeded_bug_flags(source)
     found = []
     for name, operator in _core_operators():
         occurrence = 0
         for node in nodes:
             for start, _end in operator.mutation_positions(node):
-                if not excluded(node, name):
+                if not excluded(node, name, flags):
                     found.append(Mutant(module, name, occurrence, start[0]))
                 occurrence += 1
     return found

@@ -52,6 +52,33 @@ def test_no_mutants_where_they_cannot_change_the_data() -> None:
     assert signature == {"core/NumberReplacer"}
 
 
+SEEDED = """from qoe import bugs
+
+
+def start(micros: int, length: int) -> int:
+    off_by_one = bugs.enabled("window_off_by_one")
+    start = micros // length * length
+    if off_by_one and micros == start:
+        start -= length
+    if bugs.enabled("other"):
+        start += 7
+    else:
+        start += 0
+    return start
+"""
+
+
+def test_no_mutants_in_code_that_runs_only_with_a_seeded_bug_on() -> None:
+    assert mutate.seeded_bug_flags(SEEDED) == {"off_by_one"}
+    by_line: dict[int, set[str]] = {}
+    for m in mutate.mutants_of("w", SEEDED):
+        by_line.setdefault(m.line, set()).add(m.operator.removeprefix("core/"))
+    assert 8 not in by_line and 10 not in by_line  # the bodies of `if <flag>...`
+    # `micros == start` counts only with the flag; `and` -> `or` and `not (...)` change it
+    assert by_line[7] == {"ReplaceAndWithOr", "AddNot"}
+    assert "NumberReplacer" in by_line[12]  # the else branch is the path the run takes
+
+
 def test_excluded_positions_keep_cosmic_rays_occurrence_numbers() -> None:
     """Occurrences count every position, excluded ones too, as cosmic-ray's walk does."""
     floor_div = [
