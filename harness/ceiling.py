@@ -179,11 +179,12 @@ def aggregation_ceiling(
     Their event ids and probes start with `run`, so they are nobody else's windows."""
     admin = JetStreamAdmin(nats_urls)
     now = time.time()
-    floor = admin.ack_floor()
     with contextlib.ExitStack() as paused:
         for aggregator in aggregators:
             aggregator.pause()  # may fail (a busy engine's freezer times out): none stays paused
             paused.callback(aggregator.unpause)
+        # Read once they are frozen: an ack sent just before a pause still lands after it.
+        floor = admin.ack_floor()
         stored = asyncio.run(
             _publish(
                 nats_urls,
