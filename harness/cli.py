@@ -38,6 +38,7 @@ SUITES: dict[str, list[str]] = {
     "dedup": ["scenarios", "-m", "dedup"],
     "chaos": ["scenarios", "-m", "(chaos or partition or restart or failover) and not slow"],
     "load": ["scenarios", "-m", "load and not slow"],
+    "shrink": ["scenarios/test_schedule_shrink.py"],  # a live seeded bug's schedule shrunk
     "full": ["tests", "scenarios"],
     "ci": ["tests", "scenarios", "-m", "not slow"],
     # The swarm backend: host faults, and the scenarios that run on any backend as they are.
