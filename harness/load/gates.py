@@ -18,7 +18,7 @@ from typing import Any
 
 from harness.history import History, Operation, Outcome
 from harness.load.freshness import FreshnessSample
-from harness.load.outcomes import Dropped
+from harness.load.outcomes import LATE_AFTER_S, Dropped
 from harness.stack import ROOT
 
 DEFAULT_SLO_FILE = ROOT / "scenarios" / "load" / "slo.toml"
@@ -33,11 +33,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
         return None
     rank = max(1, math.ceil(q / 100 * len(xs)))
     return xs[min(rank, len(xs)) - 1]
-
-
-# A send this long after its intended time is late: the user had no free connection, or the
-# load generator itself fell behind (its own scheduling jitter on a busy machine is a few ms).
-LATE_AFTER_S = 0.1
 
 
 def intended_at(op: Operation) -> float:

@@ -16,8 +16,9 @@ invocation is flushed before the request: "d" is when the load's schedule meant 
 go out, "t" when it went (later when the user had no free connection: the lateness is measured,
 not hidden). An invocation without a completion is an unknown outcome (the worker stopped
 mid-request). A dropped line counts the sends a user's schedule held when the load stopped
-but that it never made (every connection still busy): the first one's intended time and how
-many. The body is the batch exactly as posted, ``{"events": [...]}``.
+but that it never made (every connection still busy, or the generator behind): the first
+one's intended time and how many, of those already LATE_AFTER_S late. The body is the batch
+exactly as posted, ``{"events": [...]}``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ LINE_COLUMNS: Mapping[str, str] = {
 }
 ERROR_CHARS = 200  # an error message is cut to this many characters
 MISSING_COMPLETION = "no completion recorded (the worker stopped mid-request)"
+# A send this long after its intended time is late: the user had no free connection, or the
+# load generator itself fell behind (its own scheduling jitter on a busy machine is tens of
+# ms). A send the schedule held when the load stopped is dropped only once it was this late:
+# one due a moment before the stop was not missed, the stop came first.
+LATE_AFTER_S = 0.1
 
 
 def invocation_line(n: int, intended: float, sent: float, url: str, process: str, body: str) -> str:
