@@ -1,21 +1,27 @@
 """Load: locust-driven probe traffic gated on SLOs (scenarios/load/slo.toml), ending with the
 exactly-once verdict over every batch the locust workers sent.
 
-CI runs a short steady run and a short chaos-under-load run (one fault); the other faults, the
-step profile and the soak are marked `slow` (QOE_SOAK_SECONDS sets the soak's length).
+CI runs a short steady run, a short chaos-under-load run (one fault), and the load's own
+self-test: both ingest replicas frozen under load must show in the response times, and the
+same check must fail on the closed user model the locustfile had before (a meta-test). The
+other faults, the step profile and the soak are marked `slow` (QOE_SOAK_SECONDS sets the
+soak's length).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from harness.load import LoadResult, LoadSpec, load_slo, run_load, run_step
+from harness.load.gates import intended_at
 from harness.nemesis.registry import named
-from harness.pytest_plugin import VERDICT_KEY, Run
-from harness.stack import Endpoints
+from harness.pytest_plugin import VERDICT_KEY, Run, require
+from harness.stack import Endpoints, ServiceControl, Stack
 
 pytestmark = pytest.mark.load
 
@@ -94,6 +100,137 @@ def test_chaos_under_load(
     )
     assert result.phases["fault"].batches > 0, "no load ran during the fault"
     finish(request, result)
+
+
+# The stall self-test: 10 users (1,000 events/s in 100-event batches), each a batch a second,
+# both ingest replicas frozen for 5 s from 10 s into the load. The timeout is longer than any
+# freeze (docker pause of both through compose took up to 22 s at a load average of 57), so
+# every batch meant for the freeze waits until it ends (see stall_not_shown).
+STALL = LoadSpec(rate=1000, duration_s=30, batch_size=100, probes=10, targets=4, timeout_s=30)
+STALL_FAULT, FREEZE_AT_S, FREEZE_S = "pause-ingest", 10.0, 5.0
+
+
+def run_through_a_freeze(
+    spec: LoadSpec, nemesis, endpoints: Endpoints, run: Run, scenario_dir: Path, prefix: str
+) -> LoadResult:
+    return run_load(
+        endpoints,
+        spec,
+        scenario_dir / "load",
+        name=f"stall {STALL_FAULT}",
+        prefix=prefix,
+        slo=load_slo(profile="chaos"),
+        fault_slo=load_slo(profile="chaos.fault"),
+        fault=lambda: named(STALL_FAULT).start(nemesis),
+        fault_name=STALL_FAULT,
+        fault_at_s=FREEZE_AT_S,
+        fault_for_s=FREEZE_S,
+        timeline=run.timeline,
+    )
+
+
+def stall_not_shown(result: LoadResult) -> list[str]:
+    """What the run's reported response times and counts fail to show of the freeze (empty:
+    they show it).
+
+    The bound, from the run's shape. Both ingest replicas were frozen over [a, b], F = b - a
+    (the nemesis's record: both seen paused at a, unpause begun at b). Nothing is answered
+    then, and a batch sent at or after a times out no sooner than a + timeout >= b (the
+    timeout, 30 s, is longer than F), so a batch meant to go out at t in [a, b] ends no
+    sooner than b: its response time is at least b - t. Each of the U users has a send every P seconds (P = U x batch /
+    rate = 1 s), so any k x P seconds of the freeze hold at least k of its intended sends:
+    U x k batches with response time >= F - k x P. The reported p_q (nearest rank over the N
+    batches of the run) is at least a value that m = N - ceil(q N) + 1 batches reach, so
+
+        p_q >= F - P x ceil(m / U)      (when P x ceil(m / U) <= F)
+
+    With F ~ 4.7 s, N ~ 330, U = 10: p95 >= ~2.7 s (m = 17, k = 2), p99 >= ~3.7 s (k = 1).
+    And at least U x floor(F / 2P) batches (20) waited F/2 or more. A closed model has one
+    send per user in the freeze at most (it waits for the answer, then slides its schedule
+    past it): U batches held up, too few for p95 or for the count, while p99 (m ~ 4 < U)
+    still shows it.
+    """
+    fault, whole = result.fault, result.phases["run"]
+    assert fault is not None, "the run had no fault"
+    frozen_from, frozen_until = fault["effect_at"], fault["healed_at"]
+    freeze = frozen_until - frozen_from
+    assert freeze <= result.spec.timeout_s, (
+        f"the freeze lasted {freeze:.1f} s, longer than the {result.spec.timeout_s:g} s timeout: "
+        "batches timed out inside it and the bound below does not hold; raise the timeout"
+    )
+    users = result.locust.users
+    period = users * result.spec.batch_size / result.spec.rate
+    problems = []
+    for q in (95, 99):
+        k = math.ceil((whole.batches - math.ceil(q / 100 * whole.batches) + 1) / users)
+        bound_ms = (freeze - k * period) * 1000
+        measured = whole.latency_ms[f"p{q}"]
+        if bound_ms > 0 and (measured is None or measured < bound_ms):
+            problems.append(
+                f"p{q} response time {measured:.0f} ms over {whole.batches} batches, but a "
+                f"{freeze:.2f} s freeze held {k} sends of each of {users} users for at least "
+                f"{bound_ms:.0f} ms"
+            )
+    waited = [
+        op
+        for op in result.history
+        if op.process != "freshness"
+        and frozen_from <= intended_at(op) <= frozen_until
+        and op.completed_at - intended_at(op) >= freeze / 2
+    ]
+    need = users * math.floor(freeze / 2 / period)
+    if len(waited) < need:
+        problems.append(
+            f"{len(waited)} batches meant for the freeze waited {freeze / 2:.2f} s or more from "
+            f"their intended send, but each of {users} users had at least "
+            f"{need // users} such sends in it ({need})"
+        )
+    return problems
+
+
+def test_a_freeze_of_ingest_shows_in_the_response_times(
+    stack: Stack,
+    nemesis,
+    endpoints: Endpoints,
+    run: Run,
+    scenario_dir: Path,
+    probe_prefix: str,
+    request,
+) -> None:
+    """Self-test of the load measurement (stall_not_shown): both ingest replicas frozen for
+    5 s under 1,000 events/s; the reported p95 and p99 response times and the count of
+    batches held up show it, and every acknowledged event is counted exactly once."""
+    require(stack, ServiceControl, "freezing ingest needs docker pause")
+    result = run_through_a_freeze(STALL, nemesis, endpoints, run, scenario_dir, f"{probe_prefix}L")
+    print(result.summary())
+    problems = stall_not_shown(result)
+    assert not problems, "\n".join([*problems, result.summary()])
+    finish(request, result)
+
+
+@pytest.mark.meta
+def test_the_stall_check_fails_on_the_closed_user_model(
+    stack: Stack,
+    nemesis,
+    endpoints: Endpoints,
+    run: Run,
+    scenario_dir: Path,
+    probe_prefix: str,
+    request,
+) -> None:
+    """Meta-test: the same freeze with the locustfile's seeded bug closed_model (the user
+    model before the open one: a batch at a time, no catching up, coordinated omission). The
+    stack is honest (exactly once), but the stall check must fail, on p95 and the count."""
+    require(stack, ServiceControl, "freezing ingest needs docker pause")
+    closed = replace(STALL, seeded_bugs=("closed_model",))
+    result = run_through_a_freeze(closed, nemesis, endpoints, run, scenario_dir, f"{probe_prefix}L")
+    print(result.summary())
+    request.getfixturevalue("plot_history")(result.history)
+    assert result.verdict is not None and result.verdict.valid, result.summary()
+    problems = stall_not_shown(result)
+    assert problems, f"the stall check passed a closed user model: {result.summary()}"
+    assert any(p.startswith("p95 response time") for p in problems), problems
+    assert any("batches meant for the freeze" in p for p in problems), problems
 
 
 @pytest.mark.slow
