@@ -144,11 +144,12 @@ def stall_not_shown(result: LoadResult) -> list[str]:
 
         p_q >= F - P x ceil(m / U)      (when P x ceil(m / U) <= F)
 
-    With F ~ 4.7 s, N ~ 330, U = 10: p95 >= ~2.7 s (m = 17, k = 2), p99 >= ~3.7 s (k = 1).
-    And at least U x floor(F / 2P) batches (20) waited F/2 or more. A closed model has one
-    send per user in the freeze at most (it waits for the answer, then slides its schedule
-    past it): U batches held up, too few for p95 or for the count, while p99 (m ~ 4 < U)
-    still shows it.
+    Measured: F 5.0 s, N 440-490 (the load goes on 20 s past the heal), U = 10: p95 >= 2.0 s
+    (m = 23-25, k = 3), p99 >= 4.0 s (m = 5, k = 1). And at least U x floor(F / 2P) batches
+    (20) meant for the freeze waited F/2 or more. A closed model has no send meant for the
+    freeze that waits (the one stuck per user was due before it; it slides its schedule past
+    the answer): its p95 stays normal and its count is 0, while p99 (m = 5 < U) still shows
+    the stall through the U stuck batches.
     """
     fault, whole = result.fault, result.phases["run"]
     assert fault is not None, "the run had no fault"
