@@ -25,7 +25,7 @@ HOME_PRIMARY = "postgres-primary"  # the service the topology puts alone on the 
 @pytest.fixture
 def primary_at_home(spread: MultiHost, nemesis: Nemesis) -> str:
     """The PostgreSQL primary on its own host, the storage host, which is returned: the host
-    faults name hosts by what runs there, and an earlier failover left the primary beside the
+    faults name hosts by what runs there, and a failover leaves the primary beside the
     processing tier. Switched back if so: the other node stopped gracefully (a fast shutdown
     ships its last WAL to the standby, so nothing is lost), the home node promoted, the
     proxies moved to it, the other rebuilt as its standby. Recorded in the history."""
