@@ -390,6 +390,8 @@ class ProbeUser(FastHttpUser):
             self._open_schedule()
 
     def _open_schedule(self) -> None:
+        """A send per period whatever the answers, each in a greenlet of its own; then the
+        sends the schedule held at the stop but never made, and waiting for those in flight."""
         due = self.first_due
         while not STOPPING.wait(max(0.0, due - time.time())):
             while self.in_flight.full() and not STOPPING.is_set():

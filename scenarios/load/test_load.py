@@ -144,12 +144,12 @@ def stall_not_shown(result: LoadResult) -> list[str]:
 
         p_q >= F - P x ceil(m / U)      (when P x ceil(m / U) <= F)
 
-    Measured: F 5.0 s, N 440-490 (the load goes on 20 s past the heal), U = 10: p95 >= 2.0 s
-    (m = 23-25, k = 3), p99 >= 4.0 s (m = 5, k = 1). And at least U x floor(F / 2P) batches
-    (20) meant for the freeze waited F/2 or more. A closed model has no send meant for the
-    freeze that waits (the one stuck per user was due before it; it slides its schedule past
-    the answer): its p95 stays normal and its count is 0, while p99 (m = 5 < U) still shows
-    the stall through the U stuck batches.
+    Measured: F 5.0 s, N 350-490 (the load goes on 20 s past the heal), U = 10: p95 >= 2.0-3.0 s
+    (m = 18-25, k = 2-3), p99 >= 4.0 s (m = 4-5, k = 1). And at least U x floor(F / 2P)
+    batches (20) meant for the freeze waited F/2 or more. A closed model has at most one send
+    per user stuck in the freeze (it waits for the answer, then slides its schedule past it),
+    due before the freeze or in it: its p95 stays normal and its count is at most U (0 and 7
+    measured), while p99 (m = 4-5 < U) still shows the stall through the stuck batches.
     """
     fault, whole = result.fault, result.phases["run"]
     assert fault is not None, "the run had no fault"
