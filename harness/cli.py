@@ -14,12 +14,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import docker
-
 from harness.stack import (
     BACKENDS,
     ROOT,
-    RUN_LABEL,
     STATE_DIR,
     StackError,
     StackOptions,
@@ -97,16 +94,10 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    client = docker.from_env()
-    containers = client.containers.list(all=True, filters={"label": RUN_LABEL})
-    if not containers:
-        print("no harness stack is running")
-        return 0
-    for container in sorted(containers, key=lambda c: c.name or ""):
-        health = container.attrs["State"].get("Health", {}).get("Status", "-")
-        print(
-            f"{container.labels[RUN_LABEL]:28} {container.name:45} {container.status:10} {health}"
-        )
+    from harness import hosts, stack
+
+    for line in [*stack.status_lines(), *hosts.status_lines()]:
+        print(line)
     return 0
 
 
@@ -433,7 +424,10 @@ def parser() -> argparse.ArgumentParser:
     _backend_options(up, KEPT_BACKENDS)
     down = sub.add_parser("down", help="remove the kept stack and anything killed runs left behind")
     _backend_options(down, KEPT_BACKENDS)
-    sub.add_parser("status", help="list the harness's containers")
+    sub.add_parser(
+        "status",
+        help="the harness's containers: on the default engine, and on each host made here",
+    )
     run = sub.add_parser("run", help="run a suite of scenarios with pytest")
     run.add_argument("suite", choices=sorted(SUITES))
     run.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")

@@ -1351,23 +1351,48 @@ def command_down(hosts_file: Path | None = None) -> int:
 
 
 def command_status() -> int:
+    for line in status_lines():
+        print(line)
+    return 0
+
+
+def status_lines() -> list[str]:
+    """The hosts made here, each with its engine's state and the containers it runs (a swarm
+    stack's tasks among them), for `hosts status` and `status`."""
     runs = local_runs()
     if not runs:
-        print("no hosts made here")
+        return ["no hosts made here"]
+    lines = []
     for record, left in runs:
         if record is None:
-            print(f"qoe-{left.short}: no record (orphaned): {sorted(left.hosts)}")
+            lines.append(f"qoe-{left.short}: no record (orphaned): {sorted(left.hosts)}")
             continue
         owner = "kept" if record.owner_pid == 0 else f"pid {record.owner_pid}"
         if record.owner_pid and not _alive(record.owner_pid, record.owner_started):
             owner += " (gone: reaped by the next run)"
-        print(f"{record.run_id} ({owner}) on {record.bridge} {record.subnet}")
+        lines.append(f"{record.run_id} ({owner}) on {record.bridge} {record.subnet}")
         for name, address in sorted(record.addresses.items()):
             layout = Layout(record.short, name)
-            answers = "answering" if _engine_answers(layout.url, 2) else "silent"
+            answers = _engine_answers(layout.url, 2)
             rss = engine_rss_mb(name, record.run_id)
-            print(f"  {name} {address} {layout.url} engine {answers}, {rss:.0f} MiB")
-    return 0
+            state = "answering" if answers else "silent"
+            lines.append(f"  {name} {address} {layout.url} engine {state}, {rss:.0f} MiB")
+            if answers:
+                lines.extend(f"    {row}" for row in _container_rows(layout.url))
+    return lines
+
+
+def _container_rows(url: str) -> list[str]:
+    """One line per container on an engine: name, state, health."""
+    engine = docker.DockerClient(base_url=url, timeout=5)
+    try:
+        containers = engine.containers.list(all=True)
+    finally:
+        engine.close()
+    return [
+        f"{c.name:60} {c.status:10} {c.attrs['State'].get('Health', {}).get('Status', '-')}"
+        for c in sorted(containers, key=lambda c: c.name or "")
+    ] or ["(no containers)"]
 
 
 def remove_listed_rules(hosts_file: Path) -> list[str]:

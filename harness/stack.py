@@ -310,6 +310,19 @@ def _quietly(remove: Callable[[], object], name: str | None) -> None:
             log(f"could not remove {name}: {error}")
 
 
+def status_lines(client: docker.DockerClient | None = None) -> list[str]:
+    """The harness's containers on the default engine (compose stacks), one line each."""
+    client = client or docker.from_env()
+    containers = client.containers.list(all=True, filters={"label": RUN_LABEL})
+    if not containers:
+        return ["no harness container on the default engine"]
+    return [
+        f"{c.labels[RUN_LABEL]:28} {c.name:45} {c.status:10} "
+        f"{c.attrs['State'].get('Health', {}).get('Status', '-')}"
+        for c in sorted(containers, key=lambda c: c.name or "")
+    ]
+
+
 def reap_orphans(client: docker.DockerClient | None = None) -> list[str]:
     """Remove containers, networks and volumes of harness runs whose owning process is gone.
 

@@ -19,6 +19,7 @@ import harness.hosts
 import harness.load
 import harness.load.locust
 import harness.report
+import harness.stack
 from harness import cli
 from harness.load import LoadPlan
 from harness.nemesis.registry import FAULTS
@@ -304,7 +305,7 @@ class FakeContainer:
     attrs: dict[str, Any]
 
 
-def test_status_lists_the_harness_containers_by_name(
+def test_status_lists_the_harness_containers_by_name_then_the_hosts_made_here(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, calls: Calls
 ) -> None:
     healthy = {"State": {"Health": {"Status": "healthy"}}}
@@ -321,13 +322,16 @@ def test_status_lists_the_harness_containers_by_name(
     class Client:
         containers = Containers()
 
-    monkeypatch.setattr(cli.docker, "from_env", Client)
+    monkeypatch.setattr(harness.stack.docker, "from_env", Client)
+    monkeypatch.setattr(harness.hosts, "status_lines", lambda: ["hosts-dev (kept)", "  h1 ..."])
     assert cli.main(["status"]) == 0
     assert calls.only == ({"all": True, "filters": {"label": RUN_LABEL}},)
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert rows == [
         ["r1", "qoe-r1-aggregator-1", "exited", "-"],
         ["r1", "qoe-r1-nats-1", "running", "healthy"],
+        ["hosts-dev", "(kept)"],  # then the hosts made here, each with its containers
+        ["h1", "..."],
     ]
 
 
