@@ -443,10 +443,10 @@ def contract_endpoints(
     )
 
 
-class ComposeStack:
-    """The reference stack as one compose project of the tier files, on the default engine.
-
-    A Stack with every capability: ServiceControl, Reconfigurable, Metered."""
+class ReferenceStack:
+    """What every backend that deploys the reference stack itself has: its run, its name
+    (qoe-<run id>, or the kept stack's), its settings, its state folder with the run's env
+    file and endpoints file, and how long it took to come up."""
 
     def __init__(self, options: StackOptions) -> None:
         self.run_id = options.run_id
@@ -457,15 +457,22 @@ class ComposeStack:
         self.state_dir = options.state_dir / self.name
         self.env = StackEnv(self.state_dir, self.run_id, self.keep)
         self.endpoints_file = self.state_dir / "endpoints.json"
+        self.bring_up_s: float | None = None
+
+
+class ComposeStack(ReferenceStack):
+    """The reference stack as one compose project of the tier files, on the default engine.
+
+    A Stack with every capability: ServiceControl, Reconfigurable, Metered."""
+
+    def __init__(self, options: StackOptions) -> None:
+        super().__init__(options)
         self.docker = DockerClient(
             compose_files=[*(COMPOSE_DIR / f for f in TIER_FILES), *options.compose_overrides],
             compose_project_name=self.name,
             compose_env_files=[self.env.path],
         )
         self._api: docker.APIClient | None = None  # for reads cheap enough to poll
-        self.bring_up_s: float | None = None
-
-    # -- secrets and settings -------------------------------------------------------------
 
     # -- lifecycle ------------------------------------------------------------------------
 

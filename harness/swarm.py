@@ -40,7 +40,7 @@ from harness.stack import (
     ROOT,
     TIER_FILES,
     Endpoints,
-    StackEnv,
+    ReferenceStack,
     StackError,
     StackOptions,
     StackSettings,
@@ -264,20 +264,13 @@ def render(project: str, env_file: Path | None) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-class SwarmStack:
+class SwarmStack(ReferenceStack):
     """The reference stack as one swarm stack over the hosts its deploy file pins it to."""
 
     def __init__(self, options: StackOptions) -> None:
-        self.run_id = options.run_id
-        self.name = options.project or f"qoe-{options.run_id}"
-        self.settings = options.settings
-        self.keep = options.keep
-        self.timeout_s = options.timeout_s
-        self.state_dir = options.state_dir / self.name
-        self.endpoints_file = self.state_dir / "endpoints.json"
+        super().__init__(options)
         self.deploy_path = self.state_dir / "stack.yml"  # interpolated: holds the secrets
         self.hosts_file = options.hosts_file
-        self.env = StackEnv(self.state_dir, self.run_id, self.keep)
         self.placed = placement(deploy_file(render(self.name, None)))
         if MANAGER not in host_names(self.placed):
             raise StackError(f"the swarm manager {MANAGER} runs no service of {OVERRIDES}")
@@ -287,7 +280,6 @@ class SwarmStack:
             keep=self.keep,
             hosts_file=self.hosts_file,
         )
-        self.bring_up_s: float | None = None
         self.phases_s: dict[str, float] = {}
         self._deployed: dict[str, Any] = {}
         self._engines: dict[str, docker.DockerClient] = {}
