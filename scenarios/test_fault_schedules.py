@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
@@ -22,11 +23,12 @@ from harness.checker import Verdict
 from harness.history import History
 from harness.nats_admin import JetStreamAdmin
 from harness.nemesis import Nemesis
+from harness.polling import wait_until
 from harness.pytest_plugin import Verifier
 from harness.schedule import Schedule, Step, explore, run_schedule, schedules
 from harness.stack import Endpoints, Stack
 from harness.workload import EventGenerator, IngestClient
-from scenarios.common import client_view, workload
+from scenarios.common import Workload, client_view, workload
 
 pytestmark = pytest.mark.chaos
 
@@ -71,7 +73,7 @@ class ScheduleRunner:
         ) as client:
             with workload(client, generator, batch_size=50) as load:
                 load.progress()
-                run_schedule(schedule, nemesis, lambda k: load.progress(more=k, timeout_s=90))
+                run_schedule(schedule, nemesis, partial(sent_and_answered, load))
                 load.stop()
             client.settle(deadline_s=90)
         # Aggregators acknowledge a batch only once it is committed, so from here on the
@@ -90,6 +92,18 @@ class ScheduleRunner:
             **samples_off(verdict),
             "summary": verdict.summary() if not verdict.valid else "",
         }
+
+
+def sent_and_answered(load: Workload, more: int) -> None:
+    """Return once `more` operations sent from now on have been answered: a step holds its
+    faults for traffic sent through them, not for an answer already on its way (a batch
+    stored before a cut of aggregator -> PostgreSQL and answered during it never meets it)."""
+    since = time.time()
+    wait_until(
+        lambda: sum(op.invoked_at >= since for op in load.sent) >= more,
+        timeout_s=90,
+        what=f"{more} more batches sent and answered",
+    )
 
 
 def samples_off(verdict: Verdict) -> dict[str, int]:

@@ -3,8 +3,8 @@ failing schedule to the one fault that triggers it.
 
 With `aggregator_ack_before_commit` on, an aggregator acknowledges a batch before it commits
 it and drops the batch when the commit fails. Cutting the aggregators' link to PostgreSQL
-closes their connections, so the next commit of each fails, during the cut or after it (on
-the closed connection): one cut, held for a single operation, loses acknowledged events.
+fails every commit tried during the cut: the cut held for one batch sent through it (a step's
+hold counts batches sent after its faults, ScheduleRunner) loses acknowledged events.
 None of the other faults drawn here makes a commit fail (latency on the same link only slows
 it), so the search must find a schedule with the cut and shrink it to exactly
 `[cut-aggregator-postgres] for 1 ops, then 0 ops`, whose verdict shows acknowledged events
@@ -12,20 +12,19 @@ lost and none counted twice; with the bug off, that schedule passes.
 
 The faults are link faults only: a process fault (a SIGKILL or a pause of an aggregator) loses
 a batch with this bug only if it lands between the ack and the commit, so a schedule with one
-would fail by chance and not again when Hypothesis replays it. A cut during which no batch
-reaches the aggregators (ingest cut from NATS in the same step) loses one only if an aggregator
-still holds a connection opened before it, which the examples before it decide: such a schedule
-can fail in one run and pass in the next with the same seed, and the shrinking path differs
-there, not the schedule it shrinks to (seed 1005, three runs: its 14th and 15th examples).
+would fail by chance and not again when Hypothesis replays it. The cut together with
+ingest's cut from NATS loses a batch only if one was stored in the moment between the two cuts
+taking hold, which timing decides: such a schedule can fail in one run and pass in the next
+with the same seed, and the shrinking path differs there, not the schedule it shrinks to.
 
 Budget: up to MAX_EXAMPLES generated schedules; shrinking ends when Hypothesis finds nothing
 smaller that fails, or after its own limit of 5 minutes of shrinking. Offline, with a fake
 stack failing exactly when the cut is scheduled, seeds 0-99 all found it (after 4.5 examples
 on average, 11 at most) and shrank to it, in 18 runs in all on average, 40 at most; for 26 of
-them the first failing schedule was already the smallest
-(tests/unit/harness/test_schedule_explore.py checks seeds 0-19). Live examples take 5-45 s each on this machine, so a long shrink can reach that limit;
-every example is recorded with the seed in the scenario's details. Marked slow; its suite is
-`python -m harness run shrink`.
+them the first failing schedule was already the smallest (tests/unit/harness/
+test_schedule_explore.py checks seeds 0-19). Live examples take 1-45 s each on this machine
+(load average 5-100), so a long shrink can reach that limit; every example is recorded with
+the seed in the scenario's details. Marked slow; its suite is `python -m harness run shrink`.
 """
 
 from __future__ import annotations
