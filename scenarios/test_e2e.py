@@ -13,12 +13,17 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
+import httpx
 import pytest
 
 from harness import ledger
 from harness.history import Event, Outcome
+from harness.polling import wait_until
+from harness.stack import ReferenceStack
 from harness.workload import CLOCK_STEP_S, EventGenerator, IngestClient
+from scenarios.conftest import stack_probes
 
 pytestmark = pytest.mark.e2e
 
@@ -122,3 +127,43 @@ def test_probes_ledgers_match_aggregates(probe_history, verifier):
     assert not ledger.undelivered(status), f"probes left events undelivered: {status}"
     assert sum(s["acked"] for s in status.values()) > 0, "the probes delivered nothing"
     verifier.verify(history, probe_ids)
+
+
+RATE_WINDOW_S = 10.0  # how many seconds of generation the rate is measured over
+
+
+def generated(url: str) -> int:
+    """Events a probe has generated so far (its /status)."""
+    return int(httpx.get(f"{url}/status", timeout=5).json()["generated"])
+
+
+def generated_at_least(url: str, count: int) -> bool:
+    return generated(url) >= count
+
+
+def test_probes_generate_at_their_configured_rate(stack, endpoints):
+    """Each of the stack's probes generates RATE events per second (CONTRACT.md): measured over
+    RATE_WINDOW_S seconds of its /status, within [0.7, 1.4] x RATE (a probe starved for CPU
+    catches up, so the window's edges are the only slack). A probe that generates far fewer,
+    none, or too many events fails here; the ledger scenario alone cannot tell."""
+    if not isinstance(stack, ReferenceStack):
+        pytest.skip("a probe's configured rate is known only on a stack the harness deployed")
+    probes = stack_probes(endpoints)
+    if not probes:
+        pytest.skip("this stack exposes no probe endpoints")
+    rate = stack.settings.probe_rate
+    for name, url in probes.items():
+        assert not httpx.get(f"{url}/status", timeout=5).json()["stopped"], (
+            f"{name} is stopped: a scenario before this one did not start it again"
+        )
+        first, began = generated(url), time.monotonic()
+        wanted = first + round(rate * RATE_WINDOW_S)
+        _, took = wait_until(
+            partial(generated_at_least, url, wanted),
+            timeout_s=RATE_WINDOW_S * 3,
+            what=f"{name} generating {wanted - first} more events at {rate}/s",
+        )
+        measured = (generated(url) - first) / (time.monotonic() - began)
+        assert 0.7 * rate <= measured <= 1.4 * rate, (
+            f"{name} generated {measured:.1f} events/s over {took:.1f} s, configured {rate}/s"
+        )
