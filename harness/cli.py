@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -219,16 +220,6 @@ def _mutant_count(text: str) -> int:
     return int(text)
 
 
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:  # nan too
-        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, got {text}")
-    return value
-
-
 def cmd_check_bench(args: argparse.Namespace) -> int:
     from harness import checkbench
 
@@ -394,16 +385,20 @@ def _load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _backend_options(bench, KEPT_BACKENDS)
 
 
-def _positive(text: str) -> float:
-    # A non-number gets the same message: for a ValueError argparse would name this
-    # function ("invalid _positive value") rather than say what was expected.
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0:  # nan too
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
-    return value
+def _positive(unit: str) -> Callable[[str], float]:
+    """An argparse type: a number > 0 of `unit`. A non-number gets the same message: for a
+    ValueError argparse would name the function rather than say what was expected."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value > 0:  # nan too
+            raise argparse.ArgumentTypeError(f"expected a number of {unit} > 0, got {text}")
+        return value
+
+    return parse
 
 
 def _fault_help() -> tuple[list[str], str]:
@@ -442,7 +437,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fault.add_argument("name", choices=names, metavar="NAME")
-    fault.add_argument("--hold", type=_positive, default=10.0, help="seconds (default 10)")
+    fault.add_argument(
+        "--hold", type=_positive("seconds"), default=10.0, help="seconds (default 10)"
+    )
     _backend_options(fault, KEPT_BACKENDS)
     _load_parser(sub)
     hosts_cmd = sub.add_parser(
@@ -464,7 +461,7 @@ def parser() -> argparse.ArgumentParser:
     mutate.add_argument("--seed", type=int, help="which mutants are drawn (default: random)")
     mutate.add_argument(
         "--budget-minutes",
-        type=_minutes,
+        type=_positive("minutes"),
         default=30.0,
         help="no mutant is started after this (default 30); those left are reported not run",
     )
