@@ -210,7 +210,12 @@ def cmd_mutate(args: argparse.Namespace) -> int:
 
     _interrupt_on(signal.SIGINT, signal.SIGTERM)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    plan = mutate.MutationPlan(sample=args.sample, seed=seed, budget_minutes=args.budget_minutes)
+    plan = mutate.MutationPlan(
+        sample=args.sample,
+        seed=seed,
+        budget_minutes=args.budget_minutes,
+        only=tuple(args.only or ()),
+    )
     return mutate.run_mutations(plan)
 
 
@@ -464,6 +469,12 @@ def parser() -> argparse.ArgumentParser:
         type=_positive("minutes"),
         default=30.0,
         help="no mutant is started after this (default 30); those left are reported not run",
+    )
+    mutate.add_argument(
+        "--only",
+        action="append",
+        metavar="ID",
+        help="run this mutant (an id from a report's mutation.md) instead of a sample; repeatable",
     )
     check_bench = sub.add_parser(
         "check-bench",

@@ -36,7 +36,10 @@ Why this shape:
   switches no bug on, so those mutants are equivalent by construction). SQL is not mutated:
   cosmic-ray mutates Python syntax only, and the aggregator's and the migrations' SQL are
   strings to it. `--sample N --seed S` draws N of them; `--budget-minutes` stops starting new
-  ones (those left are reported as not run).
+  ones (those left are reported as not run). `--only ID` runs the mutants named instead (the
+  ids of a report, e.g. to show that a new scenario check kills a survivor): an id is an
+  operator's occurrence in a module's source, so it names the same mutant only while that
+  module is as it was (the report records the commit).
 
 Outcomes: killed (a scenario failed, or the mutated services did not come up healthy),
 survived (the selection passed), timeout (the selection ran past its limit, counted as killed
@@ -148,6 +151,7 @@ class MutationPlan:
     sample: int
     seed: int
     budget_minutes: float
+    only: tuple[str, ...] = ()  # mutant ids: these instead of a sample
     report_dir: Path = ROOT / "reports" / "out"
     run_id: str = field(default_factory=new_run_id)
 
@@ -273,6 +277,24 @@ def sample(mutants: Sequence[Mutant], n: int, seed: int) -> list[Mutant]:
     """`n` of `mutants` drawn without replacement by `seed` (all of them when n >= their
     number), in the order drawn: the same seed gives the same mutants and order."""
     return random.Random(seed).sample(list(mutants), min(n, len(mutants)))
+
+
+class UnknownMutant(ValueError):
+    """A mutant id given to `--only` that the sources do not have."""
+
+
+def chosen_by_id(mutants: Sequence[Mutant], ids: Sequence[str]) -> list[Mutant]:
+    """The mutants named by `ids`, in that order; UnknownMutant names every id not found."""
+    by_id = {m.id: m for m in mutants}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise UnknownMutant(
+            f"no data-path mutant {', '.join(unknown)} in the committed sources "
+            f"({len(by_id)} mutants; an id is <module>-<operator>-<occurrence>, as in a "
+            "report's mutation.md). If the module changed since that report, its occurrences "
+            "moved: find the mutant again by its line and diff in a new run"
+        )
+    return [by_id[i] for i in ids]
 
 
 def operator_instance(name: str) -> Any:
@@ -419,11 +441,22 @@ def log(message: str) -> None:
     print(f"[mutate {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def snapshot(into: Path) -> Path:
-    """The services' sources and SQL as committed (HEAD), extracted into `into`: colleagues'
-    uncommitted edits do not leak into the run, and nothing in the checkout is mutated."""
+def head_commit() -> str:
+    """The commit the sources are taken from, for the report: mutant ids hold for it."""
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def snapshot(into: Path, commit: str = "HEAD") -> Path:
+    """The services' sources and SQL as committed (`commit`), extracted into `into`:
+    colleagues' uncommitted edits do not leak into the run, and nothing in the checkout is
+    mutated."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD", SERVICES_DIR, SQL_DIR],
+        ["git", "-C", str(ROOT), "archive", "--format=tar", commit, SERVICES_DIR, SQL_DIR],
         check=True,
         capture_output=True,
     ).stdout
@@ -492,7 +525,8 @@ class MutationRun:
     def __init__(self, plan: MutationPlan, work: Path) -> None:
         self.plan = plan
         self.run_dir = plan.report_dir / plan.run_id
-        self.sources = snapshot(work / "src")
+        self.commit = head_commit()  # before the snapshot: a colleague may commit meanwhile
+        self.sources = snapshot(work / "src", self.commit)
         self.override = work / "images.override.json"
         self.qoe = self.sources / SERVICES_DIR
         self.texts = {p.stem: p.read_text() for p in self.qoe.glob("*.py")}
@@ -507,6 +541,8 @@ class MutationRun:
     def mutants(self) -> list[Mutant]:
         every = [m for module in MODULES for m in mutants_of(module, self.texts[module])]
         log(f"{len(every)} data-path mutants in {', '.join(MODULES)}")
+        if self.plan.only:
+            return chosen_by_id(every, self.plan.only)
         return sample(every, self.plan.sample, self.plan.seed)
 
     # -- the stack --
@@ -692,7 +728,8 @@ class MutationRun:
             {
                 "run_id": self.plan.run_id,
                 "seed": self.plan.seed,
-                "sample": self.plan.sample,
+                "sample": list(self.plan.only) if self.plan.only else self.plan.sample,
+                "commit": self.commit,
                 "budget_minutes": self.plan.budget_minutes,
                 "modules": list(MODULES),
                 "selection": " ".join(SELECTION),
@@ -719,6 +756,9 @@ def run_mutations(plan: MutationPlan) -> int:
         run = MutationRun(plan, Path(work))
         try:
             results = run.run()
+        except UnknownMutant as error:
+            log(str(error))
+            return 2
         finally:
             run.close()
     summary = score(results)

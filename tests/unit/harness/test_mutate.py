@@ -110,6 +110,17 @@ def test_sample_is_reproducible_from_its_seed_and_takes_all_when_asked_for_more(
     assert sorted(mutate.sample(mutants, 99, seed=3), key=lambda m: m.occurrence) == mutants
 
 
+def test_only_takes_the_mutants_named_in_that_order_and_names_those_not_found() -> None:
+    mutants = mutate.mutants_of("m", SOURCE)
+    first, last = mutants[0], mutants[-1]
+    assert mutate.chosen_by_id(mutants, [last.id, first.id]) == [last, first]
+    with pytest.raises(mutate.UnknownMutant) as error:
+        mutate.chosen_by_id(mutants, [first.id, "m-NumberReplacer-99", "x-AddNot-0"])
+    message = str(error.value)
+    assert "no data-path mutant m-NumberReplacer-99, x-AddNot-0 in the committed sources" in message
+    assert first.id not in message
+
+
 def test_a_mutant_is_built_into_every_service_that_imports_its_module() -> None:
     sources = {
         "contract": "from qoe import bugs\n",
@@ -237,7 +248,14 @@ def plans(monkeypatch: pytest.MonkeyPatch) -> list[mutate.MutationPlan]:
 def test_the_arguments_reach_the_plan(plans: list[mutate.MutationPlan]) -> None:
     assert cli.main(["mutate", "--sample", "12", "--seed", "5", "--budget-minutes", "2.5"]) == 0
     (plan,) = plans
-    assert (plan.sample, plan.seed, plan.budget_minutes) == (12, 5, 2.5)
+    assert (plan.sample, plan.seed, plan.budget_minutes, plan.only) == (12, 5, 2.5, ())
+
+
+def test_only_may_be_given_more_than_once(plans: list[mutate.MutationPlan]) -> None:
+    ids = ("probe-NumberReplacer-41", "windows-ReplaceBinaryOperator_Add_Sub-0")
+    assert cli.main(["mutate", "--only", ids[0], "--only", ids[1]]) == 0
+    (plan,) = plans
+    assert plan.only == ids
 
 
 def test_without_a_seed_one_is_drawn_and_kept_in_the_plan(
