@@ -9,9 +9,22 @@ import httpx
 
 from harness.history import Event, History, Operation, Outcome
 from harness.polling import wait_until
+from harness.stack import Endpoints
 
 # A probe's ledger state -> the outcome the checker reasons with.
 OUTCOMES = {"acked": Outcome.OK, "pending": Outcome.UNKNOWN, "rejected": Outcome.FAIL}
+
+
+def probe_urls(endpoints: Endpoints) -> dict[str, str]:
+    """The stack's own probes (its services named probe-N) by name, with their URLs."""
+    return {name: url for name, url in endpoints.services.items() if name.startswith("probe-")}
+
+
+def stop(probe_urls: dict[str, str]) -> None:
+    """Stop generating on every probe; what they hold is still delivered."""
+    with httpx.Client(timeout=5.0) as http:
+        for url in probe_urls.values():
+            http.post(f"{url}/stop").raise_for_status()
 
 
 def stop_and_drain(probe_urls: dict[str, str], timeout_s: float = 60.0) -> dict[str, dict]:
@@ -20,9 +33,8 @@ def stop_and_drain(probe_urls: dict[str, str], timeout_s: float = 60.0) -> dict[
     A probe that keeps events pending past the deadline is reported as it stands, so the
     caller's assertion names what was never delivered.
     """
+    stop(probe_urls)
     with httpx.Client(timeout=5.0) as http:
-        for url in probe_urls.values():
-            http.post(f"{url}/stop").raise_for_status()
 
         def statuses() -> dict[str, dict]:
             return {name: http.get(f"{url}/status").json() for name, url in probe_urls.items()}

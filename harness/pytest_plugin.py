@@ -7,6 +7,7 @@ reports/out/<run-id>/.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shlex
@@ -17,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import httpx
 import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 
-from harness import checker
+from harness import checker, ledger
 from harness.explain import Explanation, explain
 from harness.history import History, Mark, Timeline
 from harness.nats_admin import JetStreamAdmin, LagSampler
@@ -268,13 +270,32 @@ def endpoints(stack: Stack) -> Endpoints:
 @pytest.fixture
 def reconfigured_stack(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Endpoints]:
     """The stack with the settings given by `@pytest.mark.parametrize(..., indirect=True)`,
-    restored to the defaults afterwards."""
+    restored to the defaults afterwards.
+
+    A seeded configuration may lose, double or move what the stack's own probes send, and
+    their ledgers count everything since the stack came up, for later scenarios to check. So
+    the probes are stopped, their spools delivered and every stored event acknowledged by the
+    aggregators before it goes on, and they generate again only once the defaults are back
+    (a scenario may start them under the seeded configuration; they are stopped again first).
+    """
     reconfigurable = require(stack, Reconfigurable, "seeded bugs need a reconfigurable stack")
     wanted: StackSettings = request.param
+    before = stack.endpoints()
+    ledger.stop_and_drain(ledger.probe_urls(before))
     try:
+        JetStreamAdmin(before.nats_urls).await_acknowledged(
+            "the aggregators acknowledging every stored event before the seeded configuration"
+        )
         yield reconfigurable.apply(wanted)
     finally:
-        reconfigurable.apply(StackSettings())
+        try:
+            # A probe out of reach (its host cut or down) cannot send either; the restore
+            # must happen all the same, and starting it again below reports it.
+            with contextlib.suppress(httpx.HTTPError):
+                ledger.stop(ledger.probe_urls(stack.endpoints()))
+            reconfigurable.apply(StackSettings())
+        finally:
+            ledger.start(ledger.probe_urls(stack.endpoints()))
 
 
 # -- per scenario ---------------------------------------------------------------------------

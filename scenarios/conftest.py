@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from harness import ledger
@@ -29,26 +27,16 @@ def scenario(
     return Scenario(endpoints, client, generator, nemesis, verifier, history, scenario_details)
 
 
-def stack_probes(endpoints: Endpoints) -> dict[str, str]:
-    return {name: url for name, url in endpoints.services.items() if name.startswith("probe-")}
-
-
 @pytest.fixture
-def probes_stopped(endpoints: Endpoints) -> Iterator[None]:
-    """The stack's own probes stopped (drained) for the test: a scenario that loses
-    acknowledged events on purpose must not lose theirs, which later ledger scenarios count."""
-    probes = stack_probes(endpoints)
-    ledger.stop_and_drain(probes)
-    try:
-        yield
-    finally:
-        ledger.start(probes)
+def probes_stopped() -> None:
+    """No longer needed: `reconfigured_stack` keeps the probes stopped while a seeded
+    configuration is on. Kept until the multihost meta-tests stop asking for it."""
 
 
 @pytest.fixture
 def probe_history(endpoints: Endpoints):
     """Stop the stack's probes, let them drain, and return (history from their ledgers, probe ids, status)."""
-    probes = stack_probes(endpoints)
+    probes = ledger.probe_urls(endpoints)
     if not probes:
         pytest.skip("this stack exposes no probe endpoints (ledger, stop, status)")
     status = ledger.stop_and_drain(probes)

@@ -23,7 +23,6 @@ from harness.history import Event, Outcome
 from harness.polling import wait_until
 from harness.stack import ReferenceStack
 from harness.workload import CLOCK_STEP_S, EventGenerator, IngestClient
-from scenarios.conftest import stack_probes
 
 pytestmark = pytest.mark.e2e
 
@@ -148,7 +147,7 @@ def test_probes_generate_at_their_configured_rate(stack, endpoints):
     none, or too many events fails here; the ledger scenario alone cannot tell."""
     if not isinstance(stack, ReferenceStack):
         pytest.skip("a probe's configured rate is known only on a stack the harness deployed")
-    probes = stack_probes(endpoints)
+    probes = ledger.probe_urls(endpoints)
     if not probes:
         pytest.skip("this stack exposes no probe endpoints")
     rate = stack.settings.probe_rate

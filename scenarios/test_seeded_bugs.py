@@ -291,7 +291,6 @@ def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
 )
 def test_asynchronous_replication_fails_the_failover_scenario(
     reconfigured_stack,
-    probes_stopped,
     scenario: Scenario,
 ):
     """With asynchronous replication, commits acknowledged while the standby was cut off exist

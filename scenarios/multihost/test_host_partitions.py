@@ -25,7 +25,6 @@ from harness.nemesis.hosts import complete
 from harness.polling import wait_until
 from harness.stack import NATS_NODES, Endpoints
 from scenarios.common import all_ready, client_view, verify_recovery, workload
-from scenarios.conftest import stack_probes
 
 pytestmark = [pytest.mark.multihost, pytest.mark.partition]
 
@@ -130,7 +129,7 @@ def test_ingest_host_cut_from_the_probes_host(
     harness too): the probes' batches to ingest-1 fail and they resend to ingest-2; after
     healing their ledgers drain, and the probes' and the harness's events are each counted
     once."""
-    probes = stack_probes(endpoints)
+    probes = ledger.probe_urls(endpoints)
     edge, host = spread.host_of("probe-1"), spread.host_of("ingest-1")
     with httpx.Client(timeout=5) as http:
 

@@ -87,7 +87,8 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     attempts INTEGER NOT NULL DEFAULT 0,
-    -- 1 only under the seeded bug probe_drop_after_503: no longer sent, still 'pending'.
+    -- 1 only under the seeded bug probe_drop_after_503: no longer sent, still 'pending',
+    -- until the process restarts (the bug forgets in memory; the spool still has them).
     abandoned INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_to_send ON events (seq) WHERE state = 'pending' AND abandoned = 0;
@@ -116,6 +117,9 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a spooled event survives a crash
         self._db.executescript(_SCHEMA)
+        # What the seeded bug forgot, a new process sends: restoring the stack's defaults
+        # restarts the probe, and its ledger is whole again for the scenarios after.
+        self._db.execute("UPDATE events SET abandoned = 0 WHERE abandoned = 1")
         self.probe_id = probe_id
         self.boot = self._next_boot()
         self._counter = 0

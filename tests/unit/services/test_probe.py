@@ -159,6 +159,21 @@ def test_drop_after_503_bug_abandons_but_ledger_says_pending(tmp_path: Path) -> 
     assert probe.status()["pending"] == 3
 
 
+def test_a_restart_without_the_bug_sends_what_the_bug_dropped(tmp_path: Path) -> None:
+    bugs.reset(frozenset({"probe_drop_after_503"}))
+    bugged = probe_with(tmp_path, Ingest(503))
+    bugged.generate(3)
+    assert deliver(bugged) == "dropped"
+    bugged.spool.close()
+
+    bugs.reset(frozenset())
+    ingest = Ingest(202)
+    restarted = probe_with(tmp_path, ingest)
+    assert deliver(restarted) == "acked"
+    assert ingest.ids(0) == ["probe-1:1:1", "probe-1:1:2", "probe-1:1:3"]
+    assert restarted.status()["pending"] == 0
+
+
 def test_restart_resends_pending_and_never_reuses_ids(tmp_path: Path) -> None:
     first = probe_with(tmp_path, Ingest(202))
     first.generate(4)
