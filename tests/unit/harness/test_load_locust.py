@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import pairwise
 from pathlib import Path
@@ -25,7 +26,33 @@ from harness.history import Operation, Outcome
 from harness.load import LoadSpec, LocustProcesses, read_outcomes, stats_of
 
 
-class FakeIngest(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """A fake ingest's handler: answers a JSON body, logs nothing."""
+
+    def answer(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A local HTTP server answering with `handler` for the body; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+class FakeIngest(QuietHandler):
     """202 for most batches, 503 for every fourth, 401 without the right token."""
 
     token = "tok-123"
@@ -43,29 +70,16 @@ class FakeIngest(BaseHTTPRequestHandler):
             status = 401
         else:
             status = 503 if n % 4 == 0 else 202
-        payload = json.dumps({"accepted": len(body["events"]), "duplicates": 0}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(status, json.dumps({"accepted": len(body["events"]), "duplicates": 0}).encode())
 
 
 @pytest.fixture
 def fake_ingest() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeIngest)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    with serving(FakeIngest) as url:
+        yield url
 
 
-class StallingIngest(BaseHTTPRequestHandler):
+class StallingIngest(QuietHandler):
     """202 for every batch, but from 1 s after the first request until 3 s after it nothing
     is answered: requests arriving then wait until the stall ends (a frozen ingest)."""
 
@@ -81,27 +95,14 @@ class StallingIngest(BaseHTTPRequestHandler):
         start, end = self.stall
         if start <= time.time() < end:
             time.sleep(end - time.time())  # the fake server's own stall, not a wait for one
-        payload = b'{"accepted": 1, "duplicates": 0}'
-        self.send_response(202)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(202, b'{"accepted": 1, "duplicates": 0}')
 
 
 @pytest.fixture
 def stalling_ingest() -> Iterator[str]:
     StallingIngest.stall.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingIngest)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    with serving(StallingIngest) as url:
+        yield url
 
 
 def sent_into_a_stall(url: str, out: Path, seeded_bugs: tuple[str, ...] = ()) -> list[Operation]:
