@@ -81,6 +81,7 @@ class Host:
     local: bool  # made here (network namespace + own dockerd) rather than a listed real machine
     ssh: str | None = None  # real machine: "user@host" that runs its commands (iptables)
     sudo: bool = False  # real machine: commands need `sudo -n` (the SSH user is not root)
+    engine: bool = True  # False: a bare host made here, a namespace without dockerd (Hosts.bare)
 
 
 # -- names and places (pure) -------------------------------------------------------------------
@@ -185,6 +186,7 @@ class RunRecord:
     subnet: str
     addresses: Mapping[str, str]  # host name -> address
     swarm_manager: str | None = None  # the host the run formed its swarm on
+    bare: Sequence[str] = ()  # hosts without an engine (Hosts.bare), among the addresses
 
     @property
     def short(self) -> str:
@@ -243,6 +245,24 @@ def assign_addresses(
         if name not in addresses:
             addresses[name] = next(free)
     return addresses
+
+
+def with_bare_host(record: RunRecord, name: str) -> RunRecord:
+    """The run's record with a bare host `name` in it: its address kept if it has one, else
+    the next free one of the run's subnet."""
+    if name in record.addresses and name not in record.bare:
+        raise HostsError(f"{name} is one of the run's engine hosts, not a bare host")
+    subnet = ipaddress.ip_network(record.subnet)
+    addresses = assign_addresses(subnet, [name], record.addresses)  # type: ignore[arg-type]
+    bare = [*record.bare, *([] if name in record.bare else [name])]
+    return RunRecord(**{**asdict(record), "addresses": addresses, "bare": bare})
+
+
+def without_bare_host(record: RunRecord, name: str) -> RunRecord:
+    """The run's record with the bare host `name` gone (its address free again)."""
+    addresses = {h: a for h, a in record.addresses.items() if h != name}
+    bare = [h for h in record.bare if h != name]
+    return RunRecord(**{**asdict(record), "addresses": addresses, "bare": bare})
 
 
 @dataclass(frozen=True)
@@ -781,6 +801,7 @@ class Hosts:
         self._formed_swarm = False  # listed hosts: the run formed the swarm, so it leaves it
         self._labelled: set[str] = set()  # listed hosts: nodes the run labelled
         self._node_ids: dict[str, str] = {}  # host -> swarm node id
+        self._bare: list[str] = []  # bare hosts (no engine) added since up(): see bare()
 
     # -- access -----------------------------------------------------------------------------
 
@@ -792,7 +813,12 @@ class Hosts:
         return self._hosts[name]
 
     def all(self) -> list[Host]:
-        return [self._hosts[n] for n in self.names if n in self._hosts]
+        """Every host of the run: the engine hosts, then the bare ones (host faults cut both)."""
+        return [self._hosts[n] for n in [*self.names, *self._bare] if n in self._hosts]
+
+    def engines(self) -> list[Host]:
+        """The hosts with a Docker engine (the swarm's nodes)."""
+        return [h for h in self.all() if h.engine]
 
     def client(self, host: str) -> DockerClient:
         if host not in self._clients:
@@ -833,8 +859,11 @@ class Hosts:
             for name in self.names:
                 self._ensure_namespace(record, name)
             self._hosts = {
-                name: Host(name, record.addresses[name], Layout(self.short, name).url, True)
-                for name in self.names
+                **{name: self._hosts[name] for name in self._bare if name in self._hosts},
+                **{
+                    name: Host(name, record.addresses[name], Layout(self.short, name).url, True)
+                    for name in self.names
+                },
             }
             starting = [n for n in self.names if not _engine_answers(Layout(self.short, n).url)]
             for name in starting:
@@ -861,6 +890,7 @@ class Hosts:
             subnet=str(subnet),
             addresses=assign_addresses(subnet, self.names, record.addresses if record else {}),  # type: ignore[arg-type]
             swarm_manager=record.swarm_manager if record else None,
+            bare=record.bare if record else (),
         )
         record.save()
         return record
@@ -1040,6 +1070,67 @@ class Hosts:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
 
+    # -- bare hosts: a machine of its own for a process of the harness ------------------------
+
+    def bare(self, name: str) -> contextlib.AbstractContextManager[Host]:
+        """A host without an engine for the body (`add_bare`, then `remove_bare`)."""
+        return _bare_host(self, name)
+
+    def add_bare(self, name: str) -> Host:
+        """A host made here without an engine: a network namespace with its own address on
+        the run's bridge, for processes that must run on a machine of their own (a load
+        generator's workers: `nsenter --net=<netns_path(name)> …`). Idempotent. From now on it
+        is one of `all()` (a host partition can cut it); `remove_bare` removes it, and so do
+        `down()` and, after a kill, the next run's reaping: it is in the run's record."""
+        if self.hosts_file is not None:
+            raise HostsError(
+                "a bare host is a namespace made here; with --hosts FILE run the process on a "
+                "machine of your own (e.g. `load --remote-workers` and `load-worker` there)"
+            )
+        check_names([*self.names, name])
+        with _locked():
+            record = RunRecord.load(self.short)
+            if record is None:
+                raise HostsError(f"run {self.run_id} has no hosts here yet: up() first")
+            record = with_bare_host(record, name)
+            record.save()
+            self._ensure_namespace(record, name)
+        layout = Layout(self.short, name)
+        self._hosts[name] = Host(name, record.addresses[name], layout.url, True, engine=False)
+        if name not in self._bare:
+            self._bare.append(name)
+        return self._hosts[name]
+
+    def remove_bare(self, name: str) -> None:
+        """The bare host gone: its veth (so nothing left inside its namespace can reach the
+        bridge), its namespace, its place in the record."""
+        host = self._hosts.get(name)
+        if name in self.names or (host is not None and host.engine):
+            raise HostsError(f"{name} is an engine host; down() removes those")
+        with _locked():
+            remove_host(Layout(self.short, name))
+            record = RunRecord.load(self.short)
+            if record is not None:
+                without_bare_host(record, name).save()
+        self._hosts.pop(name, None)
+        self._bare = [b for b in self._bare if b != name]
+
+    def netns_path(self, name: str) -> Path:
+        """Where a host made here has its network namespace (`nsenter --net=` this)."""
+        return self.layout(name).netns_path
+
+    def processes_in(self, name: str) -> dict[int, str]:
+        """The processes in a host's network namespace (made here): pid -> command line."""
+        return processes_in_netns(self.netns_path(name))
+
+    def bridge_address(self) -> str:
+        """The harness's own address on the run's bridge (root namespace): where a process on
+        a host made here reaches one of the harness's (e.g. a locust master)."""
+        record = RunRecord.load(self.short) if self.hosts_file is None else None
+        if record is None:
+            raise HostsError(f"run {self.run_id} made no bridge here (listed hosts, or no up())")
+        return record.bridge_address
+
     def _attach_listed(self) -> None:
         assert self.hosts_file is not None
         try:
@@ -1092,7 +1183,7 @@ class Hosts:
             self._note_manager(manager)
         members = {n.id for n in boss_client.node.list()}
         joining = [
-            h for h in self.all() if h.name != manager and states[h.name].node_id not in members
+            h for h in self.engines() if h.name != manager and states[h.name].node_id not in members
         ]
         if joining:
             token = boss_client.swarm.join_token("worker")
@@ -1269,7 +1360,7 @@ class Hosts:
     def _leave_listed(self) -> str:
         """What the run did to listed machines undone; says what that was."""
         if self._formed_swarm and self.manager:
-            for host in self.all():
+            for host in self.engines():
                 if host.name != self.manager:
                     with contextlib.suppress(DockerException):
                         self.client(host.name).swarm.leave(force=True)
@@ -1294,6 +1385,33 @@ class Hosts:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def processes_in_netns(netns: Path) -> dict[int, str]:
+    """pid -> command line of every process whose network namespace is `netns` (a bound
+    namespace file): the same inode as its /proc/<pid>/ns/net."""
+    try:
+        wanted = os.stat(netns).st_ino
+    except OSError:
+        return {}
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.stat(proc / "ns" / "net").st_ino == wanted:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                found[int(proc.name)] = " ".join(a.decode(errors="replace") for a in argv if a)
+    return found
+
+
+@contextlib.contextmanager
+def _bare_host(hosts: Hosts, name: str) -> Iterator[Host]:
+    host = hosts.add_bare(name)
+    try:
+        yield host
+    finally:
+        hosts.remove_bare(name)
 
 
 def remove_hosts(run_id: str) -> None:
@@ -1373,6 +1491,9 @@ def status_lines() -> list[str]:
         lines.append(f"{record.run_id} ({owner}) on {record.bridge} {record.subnet}")
         for name, address in sorted(record.addresses.items()):
             layout = Layout(record.short, name)
+            if name in record.bare:
+                lines.append(f"  {name} {address} bare (a namespace, no engine)")
+                continue
             answers = _engine_answers(layout.url, 2)
             rss = engine_rss_mb(name, record.run_id)
             state = "answering" if answers else "silent"

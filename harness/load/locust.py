@@ -133,7 +133,12 @@ class LocustProcesses:
         ]
         # Workers on this machine reach a master bound to every interface on the loopback.
         reach = "127.0.0.1" if self.spec.master_bind in ("0.0.0.0", "*") else self.spec.master_bind
+        # nsenter of the network namespace alone execs the worker (no fork): the pid is the
+        # worker's own, and the filesystem is this one (the outcome files land in out_dir).
+        # Not `ip netns exec`, which remounts /sys for the namespace.
+        enter = ["nsenter", f"--net={self.spec.worker_netns}"] if self.spec.worker_netns else []
         worker = [
+            *enter,
             *base,
             "--worker",
             "--master-host",

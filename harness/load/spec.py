@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from harness.load.settings import default, seeded_bugs
 
+LOOPBACK_OR_ANY = ("127.0.0.1", "localhost", "0.0.0.0", "*")
+
 # --- what to run ------------------------------------------------------------------------------
 
 
@@ -25,12 +27,22 @@ class LoadSpec:
     remote_workers: int = 0  # workers the master waits for from other machines
     master_bind: str = "127.0.0.1"  # the master's address (all interfaces: 0.0.0.0)
     master_port: int = 0  # 0: a free port
+    # The network namespace the `workers` run in (a host of their own: harness.hosts.Hosts.bare,
+    # e.g. /var/run/netns/qoe-abcd-load), entered with nsenter; master_bind must then be an
+    # address they reach from there (the run's bridge address). "": this machine's namespace.
+    worker_netns: str = ""
     timeout_s: float = float(default("timeout"))
     resends: int = int(default("resends"))  # an unknown batch is resent with the same ids
     seeded_bugs: tuple[str, ...] = ()  # the load generator's (settings.SEEDED_BUGS): meta-tests
 
     def __post_init__(self) -> None:
         seeded_bugs(",".join(self.seeded_bugs))  # an unknown name fails here, not later
+        if self.worker_netns and (self.workers < 1 or self.master_bind in LOOPBACK_OR_ANY):
+            raise ValueError(
+                f"worker_netns {self.worker_netns!r} needs workers >= 1 (got {self.workers}) "
+                f"and a master_bind they reach from that namespace (got {self.master_bind!r}: "
+                "its loopback is its own); bind the master to the bridge address"
+            )
 
     @property
     def distributed(self) -> bool:
