@@ -1,11 +1,15 @@
 """The multihost scenarios need a stack spread over Docker hosts of its own (the swarm
 backend, `--stack swarm`); on any other stack they are skipped, saying why. Those that fault
-the storage host need the PostgreSQL primary there (`primary_at_home`)."""
+the storage host need the PostgreSQL primary there (`primary_at_home`); the load across hosts
+runs its workers on a host of their own (`load_host`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
+from harness.hosts import Host
 from harness.nemesis import Nemesis
 from harness.nemesis.hosts import MultiHost
 from harness.nemesis.postgres import HoldsDown
@@ -39,3 +43,16 @@ def primary_at_home(spread: MultiHost, nemesis: Nemesis) -> str:
             took = back.promote()
         log(f"switched back to {HOME_PRIMARY}: promoted {took:.1f} s after the stop")
     return spread.host_of(HOME_PRIMARY)
+
+
+LOAD_HOST = "load"  # a host name (1-6 characters): the namespace is qoe-<run>-load
+
+
+@pytest.fixture
+def load_host(spread: MultiHost) -> Iterator[Host]:
+    """A host of its own for the load generator: a network namespace with its own address on
+    the hosts' bridge, no engine, not a swarm node (`Hosts.bare`); removed after the test."""
+    if spread.hosts.hosts_file is not None:
+        pytest.skip("a load host is a namespace made here; with --hosts there is none to make")
+    with spread.hosts.bare(LOAD_HOST) as host:
+        yield host
