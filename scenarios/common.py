@@ -9,16 +9,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 
 from harness.checker import Verdict
 from harness.history import History, Mark, Operation
 from harness.nemesis import Fault, Nemesis
 from harness.polling import DeadlineExceeded, wait_until
-from harness.stack import Endpoints
+from harness.stack import Endpoints, StackSettings
 from harness.workload import EventGenerator, IngestClient
 
 if TYPE_CHECKING:
@@ -44,6 +45,11 @@ class Scenario:
     def probe_ids(self) -> list[str]:
         return list(self.generator.probes)
 
+    def reporting_into(self, details: dict[str, Any]) -> Scenario:
+        """The same scenario with `details` for its report: a part of the scenario's details
+        (one of several faults it runs), which the helpers below fill instead."""
+        return replace(self, details=details)
+
     def workload(
         self, batch_size: int = 100, batches_per_s: float = 5.0
     ) -> AbstractContextManager[Workload]:
@@ -55,6 +61,20 @@ class Scenario:
         (`verify_recovery`)."""
         return verify_recovery(self.verifier, self.history, self.probe_ids, self.details, timeout_s)
 
+    def observe(self, timeout_s: float = 30.0) -> Verdict:
+        """The verdict over this scenario's probes without asserting it (a meta-test asserts
+        that it is invalid); recorded for the report."""
+        return self.verifier.observe(self.history, self.probe_ids, timeout_s)
+
+    def assert_caught(self, verdict: Verdict, passed: str = "a stack with a seeded bug") -> str:
+        """The verdict is invalid and its message names at least one of this scenario's
+        probes (it points at their wrong windows); returns the message. `passed` says what
+        the harness would have passed otherwise."""
+        message = verdict.summary()
+        assert not verdict.valid, f"the harness passed {passed}"
+        assert any(probe in message for probe in self.probe_ids), message
+        return message
+
     def refused_after_effect(self, load: Workload, fault: Fault) -> dict[str, Any]:
         """`refused_after_effect` over this scenario's history."""
         return refused_after_effect(load, fault, self.history)
@@ -62,8 +82,9 @@ class Scenario:
     def recover_after_refusals(
         self, services: Sequence[str], verify_timeout_s: float = 60.0
     ) -> Verdict:
-        """After a fault ingest refused batches for: the services ready again, the refused
-        batches resent like a probe would, then the exactly-once verdict and recovery time."""
+        """After a fault healed (one ingest refused batches for, or any that left batches
+        unknown): the services ready again, the unknown batches (503, no answer) resent like
+        a probe would, then the exactly-once verdict and recovery time."""
         _, ready_s = wait_until(
             lambda: all_ready(self.endpoints, *services),
             timeout_s=60,
@@ -72,6 +93,23 @@ class Scenario:
         self.details["ready_again_s"] = round(ready_s, 3)
         self.client.settle(deadline_s=60)
         return self.verify_recovery(verify_timeout_s)
+
+
+def with_settings(settings: StackSettings, name: str) -> pytest.MarkDecorator:
+    """The test runs on the stack reconfigured with `settings` (the `reconfigured_stack`
+    fixture, restored afterwards), shown in its id as `name`."""
+    return pytest.mark.parametrize("reconfigured_stack", [settings], indirect=True, ids=[name])
+
+
+def seeded_bug(name: str) -> pytest.MarkDecorator:
+    """The test runs on the stack with the seeded bug `name` on (QOE_SEEDED_BUGS)."""
+    return with_settings(StackSettings(seeded_bugs=(name,)), name)
+
+
+# The failover meta-tests' stack: commits acknowledged without the standby's confirmation.
+ASYNCHRONOUS_REPLICATION = with_settings(
+    StackSettings(sync_replication=False), "asynchronous_replication"
+)
 
 
 @contextmanager
@@ -303,6 +341,16 @@ def refused_after_effect(load: Workload, fault: Fault, history: History) -> dict
     late = [op for op in load.sent if op.invoked_at > effective]
     assert late and all(op.status == 503 for op in late), [op.error for op in late]
     return client_view(history, effective, time.time())
+
+
+def assert_lost_without_the_standby(scenario: Scenario, verdict: Verdict, passed: str) -> None:
+    """The asynchronous-replication meta-tests' check (a failover, a primary's host crash):
+    events really were committed and acknowledged while the standby was cut off (the
+    scenario's details["during_cut"]), and the harness names the windows that lost them."""
+    cut = scenario.details["during_cut"]
+    assert cut["acked_after"] > cut["acked_before"] and cut["stored_on_primary"] > 0, cut
+    message = scenario.assert_caught(verdict, passed)
+    assert any(w.observed is None or w.problem for w in verdict.wrong()), message
 
 
 def other_aggregator_carries_on(

@@ -28,12 +28,6 @@ def scenario(
 
 
 @pytest.fixture
-def probes_stopped() -> None:
-    """No longer needed: `reconfigured_stack` keeps the probes stopped while a seeded
-    configuration is on. Kept until the multihost meta-tests stop asking for it."""
-
-
-@pytest.fixture
 def probe_history(endpoints: Endpoints):
     """Stop the stack's probes, let them drain, and return (history from their ledgers, probe ids, status)."""
     probes = ledger.probe_urls(endpoints)

@@ -24,7 +24,7 @@ from harness.history import History
 from harness.nats_admin import JetStreamAdmin
 from harness.nemesis import Nemesis
 from harness.polling import wait_until
-from harness.pytest_plugin import Verifier
+from harness.pytest_plugin import Run, Verifier
 from harness.schedule import Schedule, Step, explore, run_schedule, schedules
 from harness.stack import Endpoints, Stack
 from harness.workload import EventGenerator, IngestClient
@@ -118,10 +118,25 @@ def samples_off(verdict: Verdict) -> dict[str, int]:
     return {"samples_lost": lost, "samples_extra": extra}
 
 
+@pytest.fixture
+def schedule_runner(
+    nemesis: Nemesis,
+    endpoints: Endpoints,
+    verifier: Verifier,
+    run: Run,
+    probe_prefix: str,
+    plot_history: Callable[[History], None],
+) -> ScheduleRunner:
+    """The scenario's ScheduleRunner: on its stack, from the run seed, with its probe prefix
+    and picture. Through the nemesis fixture: a stack without process control skips it, and
+    the consumer lag is sampled for the report meanwhile."""
+    return ScheduleRunner(nemesis.stack, endpoints, verifier, run.seed, probe_prefix, plot_history)
+
+
 @pytest.mark.slow
 def test_a_fixed_schedule(
-    nemesis, endpoints, verifier, run, probe_prefix, scenario_details, plot_history
-):
+    schedule_runner: ScheduleRunner, scenario_details: dict[str, Any]
+) -> None:
     """A hand-written sequence (Jepsen's timed nemesis): link faults, then process faults."""
     schedule = Schedule(
         (
@@ -130,26 +145,21 @@ def test_a_fixed_schedule(
             Step(("cut-aggregator-nats", "pause-diagnoser"), hold=3, gap=0),
         )
     )
-    runner = ScheduleRunner(
-        nemesis.stack, endpoints, verifier, run.seed, probe_prefix, plot_history
-    )
-    result = runner(schedule, 0)
+    result = schedule_runner(schedule, 0)
     scenario_details["examples"] = [result]
     scenario_details["recovery_s"] = result["recovery_s"]
     assert result["valid"], f"schedule {result['schedule']}: {result['summary']}"
 
 
 def test_generated_fault_schedules(
-    nemesis, endpoints, verifier, run, probe_prefix, scenario_details, plot_history
-):
+    schedule_runner: ScheduleRunner, scenario_details: dict[str, Any]
+) -> None:
     """Random schedules of faults and heals; each must end with the state equal to the oracle."""
     exploration = explore(
         schedules(),
-        run_seed=run.seed,
+        run_seed=schedule_runner.run_seed,
         max_examples=_budget(),
-        run=ScheduleRunner(
-            nemesis.stack, endpoints, verifier, run.seed, probe_prefix, plot_history
-        ),
+        run=schedule_runner,
     )
     scenario_details.update(exploration.details())
     recoveries = [r for t in exploration.tried if (r := t.result["recovery_s"]) is not None]

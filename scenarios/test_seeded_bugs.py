@@ -17,10 +17,16 @@ from harness import checker, ledger
 from harness.history import Outcome
 from harness.metrics import metric
 from harness.nats_admin import JetStreamAdmin
+from harness.nemesis import Nemesis
 from harness.polling import wait_until
-from harness.stack import Endpoints, StackSettings
-from harness.workload import THRESHOLD_FIELDS, EventGenerator
-from scenarios.common import Scenario
+from harness.stack import Endpoints
+from harness.workload import THRESHOLD_FIELDS
+from scenarios.common import (
+    ASYNCHRONOUS_REPLICATION,
+    Scenario,
+    assert_lost_without_the_standby,
+    seeded_bug,
+)
 from scenarios.test_bad_input import PAST_CASE_EVENTS, send_bad_input_at_the_bounds
 from scenarios.test_dedup import resend_after_a_cut_off_answer
 from scenarios.test_e2e import send_every_timestamp_form
@@ -29,24 +35,10 @@ from scenarios.test_partitions import ingest_nats_partition
 pytestmark = pytest.mark.meta
 
 
-def bug(name: str):
-    return pytest.mark.parametrize(
-        "reconfigured_stack", [StackSettings(seeded_bugs=(name,))], indirect=True, ids=[name]
-    )
-
-
-def assert_caught(verdict: checker.Verdict, generator: EventGenerator) -> str:
-    """The verdict is invalid and its message names at least one of this scenario's windows."""
-    message = verdict.summary()
-    assert not verdict.valid, "the harness passed a stack with a seeded bug"
-    assert any(probe in message for probe in generator.probes), message
-    return message
-
-
-@bug("aggregator_no_dedup")
+@seeded_bug("aggregator_no_dedup")
 def test_aggregator_without_dedup_fails_the_cut_off_answer_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     resend_after_a_cut_off_answer(
         scenario.client, scenario.endpoints, scenario.generator, scenario.nemesis
     )
@@ -54,14 +46,13 @@ def test_aggregator_without_dedup_fails_the_cut_off_answer_scenario(
     JetStreamAdmin(scenario.endpoints.nats_urls).await_acknowledged(
         "the aggregators acknowledging the resend"
     )
-    assert_caught(
-        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=10),
-        scenario.generator,
-    )
+    scenario.assert_caught(scenario.observe(timeout_s=10))
 
 
-@bug("window_off_by_one")
-def test_window_off_by_one_fails_the_boundary_scenario(reconfigured_stack, scenario: Scenario):
+@seeded_bug("window_off_by_one")
+def test_window_off_by_one_fails_the_boundary_scenario(
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     w = scenario.generator.window_seconds
     boundary = datetime.fromtimestamp(int(datetime.now(UTC).timestamp()) // w * w, UTC)
     batch = [
@@ -69,16 +60,13 @@ def test_window_off_by_one_fails_the_boundary_scenario(reconfigured_stack, scena
         for i, e in enumerate(scenario.generator.batch(20))
     ]
     assert scenario.client.send(batch).outcome is Outcome.OK
-    assert_caught(
-        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=10),
-        scenario.generator,
-    )
+    scenario.assert_caught(scenario.observe(timeout_s=10))
 
 
-@bug("window_off_by_one")
+@seeded_bug("window_off_by_one")
 def test_window_off_by_one_fails_the_ingest_nats_partition_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     """Any fault scenario's workload puts events on window boundaries (EventGenerator's
     boundary_fraction): the partition scenario's final verdict must name the wrong windows."""
     with pytest.raises(AssertionError) as failed:
@@ -91,24 +79,21 @@ def test_window_off_by_one_fails_the_ingest_nats_partition_scenario(
     assert "window" in message and any(p in message for p in scenario.generator.probes), message
 
 
-@bug("ingest_early_ack")
+@seeded_bug("ingest_early_ack")
 def test_ingest_acking_before_jetstream_fails_the_partition_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     with scenario.nemesis.cut("ingest-nats"):
         op = scenario.client.send(scenario.generator.batch(100))
     # A correct ingest answers 503 here; the seeded one claims success for events it lost.
     assert op.outcome is Outcome.OK, f"expected the bug's early 202, got {op.status} {op.error}"
-    assert_caught(
-        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=15),
-        scenario.generator,
-    )
+    scenario.assert_caught(scenario.observe(timeout_s=15))
 
 
-@bug("aggregator_ack_before_commit")
+@seeded_bug("aggregator_ack_before_commit")
 def test_aggregator_acking_before_commit_fails_the_database_partition_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     admin = JetStreamAdmin(scenario.endpoints.nats_urls)
     with scenario.nemesis.cut("aggregator-postgres"):
         assert scenario.client.send(scenario.generator.batch(200)).outcome is Outcome.OK
@@ -118,16 +103,13 @@ def test_aggregator_acking_before_commit_fails_the_database_partition_scenario(
         )
         for service in ("aggregator-1", "aggregator-2"):
             scenario.nemesis.kill(service, await_healthy=False)
-    assert_caught(
-        scenario.verifier.observe(scenario.history, scenario.probe_ids, timeout_s=15),
-        scenario.generator,
-    )
+    scenario.assert_caught(scenario.observe(timeout_s=15))
 
 
-@bug("probe_drop_after_503")
+@seeded_bug("probe_drop_after_503")
 def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
-    reconfigured_stack: Endpoints, nemesis
-):
+    reconfigured_stack: Endpoints, nemesis: Nemesis
+) -> None:
     probes = {n: url for n, url in reconfigured_stack.services.items() if n.startswith("probe-")}
     ledger.start(probes)
     with nemesis.cut("ingest-nats"):
@@ -144,15 +126,16 @@ def test_probe_dropping_batches_after_503_fails_the_probe_ledger_scenario(
     assert ledger.undelivered(status), f"the probes' ledgers show nothing lost: {status}"
 
 
-def verdict_showing(
+def caught_showing(
     signature: Callable[[checker.Verdict], bool],
     what: str,
     scenario: Scenario,
     timeout_s: float = 60,
-) -> checker.Verdict:
-    """The verdict once it shows the bug's own signature. Until the aggregators and the
-    diagnoser have caught up (slow on a busy machine) it is wrong for other reasons too, so
-    it is polled until it is wrong in exactly the way the bug predicts."""
+) -> str:
+    """The bug caught (`Scenario.assert_caught`, whose message is returned) by the verdict
+    once it shows the bug's own signature. Until the aggregators and the diagnoser have
+    caught up (slow on a busy machine) it is wrong for other reasons too, so it is polled
+    until it is wrong in exactly the way the bug predicts."""
     probes = scenario.probe_ids
     seen: list[checker.Verdict] = []
 
@@ -177,21 +160,19 @@ def verdict_showing(
         what=what,
         describe=lambda: seen[0].summary() if seen else "no verdict read",
     )
-    verdict = scenario.verifier.observe(
-        scenario.history, probes, timeout_s=0
-    )  # recorded for the report
+    verdict = scenario.observe(timeout_s=0)  # recorded for the report
     assert signature(verdict), verdict.summary()
-    return verdict
+    return scenario.assert_caught(verdict)
 
 
 def wrong_targets(verdict: checker.Verdict) -> set[str]:
     return {w.key.target for w in verdict.wrong()}
 
 
-@bug("ingest_offset_sign_ignored")
+@seeded_bug("ingest_offset_sign_ignored")
 def test_ingest_ignoring_the_offset_sign_fails_the_timestamp_form_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     """-hh:mm read as +hh:mm puts an event 2 x hh:mm early: a window missing where the event
     belongs and one nothing explains where it landed; -23:59 lands past the 24 h bound."""
     rejected = send_every_timestamp_form(scenario.client, scenario.generator)
@@ -208,18 +189,17 @@ def test_ingest_ignoring_the_offset_sign_fails_the_timestamp_form_scenario(
             p in problems for p in ("window missing", "unexpected window")
         )
 
-    verdict = verdict_showing(
+    caught_showing(
         shifted,
         f"the windows of the negative-offset forms ({sorted(negative)}), and only those, moved",
         scenario,
     )
-    assert_caught(verdict, scenario.generator)
 
 
-@bug("diagnoser_threshold_inclusive")
+@seeded_bug("diagnoser_threshold_inclusive")
 def test_diagnoser_comparing_with_or_equal_fails_the_threshold_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     """>= and <= diagnose exactly the four windows whose average is on a threshold."""
     assert scenario.client.send(scenario.generator.threshold_batch()).outcome is Outcome.OK
     on_a_threshold = {f"{kind} on #1" for kind in THRESHOLD_FIELDS}
@@ -229,18 +209,17 @@ def test_diagnoser_comparing_with_or_equal_fails_the_threshold_scenario(
             "unexpected diagnosis" in w.problem and "is not" in w.problem for w in verdict.wrong()
         )
 
-    verdict = verdict_showing(
+    caught_showing(
         diagnosed_on_the_threshold,
         f"diagnoses in exactly the windows {sorted(on_a_threshold)}",
         scenario,
     )
-    assert_caught(verdict, scenario.generator)
 
 
-@bug("ingest_ts_bounds_in_whole_minutes")
+@seeded_bug("ingest_ts_bounds_in_whole_minutes")
 def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
-    reconfigured_stack, scenario: Scenario
-):
+    reconfigured_stack: Endpoints, scenario: Scenario
+) -> None:
     """Both time bounds a minute loose: the two cases one step past them are answered 202, and
     the one sent unrecorded (before now - 24 h) is stored whole: its day-old event a window
     nothing explains, its other events extra samples."""
@@ -273,22 +252,17 @@ def test_ingest_counting_whole_minutes_fails_the_bounds_scenario(
         ]
         return bool(day_old) and all(n > 0 for n in extra) and sum(extra) == PAST_CASE_EVENTS
 
-    verdict = verdict_showing(
+    message = caught_showing(
         the_past_case_stored,
         f"a day-old window nothing explains among {PAST_CASE_EVENTS} extra samples: the past "
         "case's batch stored, and nothing else wrong",
         scenario,
     )
-    assert "unexpected window" in assert_caught(verdict, scenario.generator)
+    assert "unexpected window" in message
 
 
 @pytest.mark.failover
-@pytest.mark.parametrize(
-    "reconfigured_stack",
-    [StackSettings(sync_replication=False)],
-    indirect=True,
-    ids=["asynchronous_replication"],
-)
+@ASYNCHRONOUS_REPLICATION
 def test_asynchronous_replication_fails_the_failover_scenario(
     reconfigured_stack,
     scenario: Scenario,
@@ -300,15 +274,10 @@ def test_asynchronous_replication_fails_the_failover_scenario(
     # The honest stack matches within seconds of the promotion (test_failover.py); lost
     # events never come back, so a short wait is enough to call the verdict.
     verdict = run_failover(scenario, timeout_s=15)
-    # The events really were committed and acknowledged without the standby...
-    cut = scenario.details["during_cut"]
-    assert cut["acked_after"] > cut["acked_before"] and cut["stored_on_primary"] > 0, cut
-    # ...and the harness names the windows that lost them.
-    message = assert_caught(verdict, scenario.generator)
-    assert any(w.observed is None or w.problem for w in verdict.wrong()), message
+    assert_lost_without_the_standby(scenario, verdict, "a stack with a seeded bug")
 
 
-def test_meta_tests_restore_a_correct_stack(scenario: Scenario):
+def test_meta_tests_restore_a_correct_stack(scenario: Scenario) -> None:
     """After the meta-tests the default stack is back: the same resend passes."""
     batch = scenario.generator.batch(100)
     for _ in range(2):

@@ -13,15 +13,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from harness.load import LoadResult, LoadSpec, load_slo, run_load, run_step
+from harness.load import LoadResult, LoadSpec
 from harness.load.gates import intended_at
-from harness.nemesis.registry import named
-from harness.pytest_plugin import VERDICT_KEY, Run, require
-from harness.stack import Endpoints, ServiceControl, Stack
+from harness.nemesis import Nemesis
+from scenarios.load.conftest import LoadRuns
 
 pytestmark = pytest.mark.load
 
@@ -43,26 +41,8 @@ UNDER_LOAD = (
 )
 
 
-def finish(request: pytest.FixtureRequest, result: LoadResult) -> None:
-    request.getfixturevalue("plot_history")(result.history)
-    if result.verdict is not None:
-        request.node.stash[VERDICT_KEY] = result.verdict
-    assert result.ok, result.summary()
-
-
-def test_steady_load(
-    endpoints: Endpoints, run: Run, scenario_dir: Path, probe_prefix: str, request
-) -> None:
-    result = run_load(
-        endpoints,
-        STEADY,
-        scenario_dir / "load",
-        name="steady",
-        prefix=f"{probe_prefix}L",
-        slo=load_slo(profile="steady"),
-        timeline=run.timeline,
-    )
-    finish(request, result)
+def test_steady_load(load_runs: LoadRuns) -> None:
+    load_runs.finish(load_runs.steady(STEADY, "steady", profile="steady"))
 
 
 @pytest.mark.chaos
@@ -73,33 +53,12 @@ def test_steady_load(
         for name in UNDER_LOAD
     ],
 )
-def test_chaos_under_load(
-    fault: str,
-    nemesis,
-    endpoints: Endpoints,
-    run: Run,
-    scenario_dir: Path,
-    probe_prefix: str,
-    request,
-) -> None:
+def test_chaos_under_load(fault: str, load_runs: LoadRuns, nemesis: Nemesis) -> None:
     """The fault from 8 s to 16 s into the load: SLOs relaxed in the fault window (plus the
     grace), checked again after recovery; every acknowledged event counted exactly once."""
-    result = run_load(
-        endpoints,
-        CHAOS,
-        scenario_dir / "load",
-        name=f"chaos {fault}",
-        prefix=f"{probe_prefix}L",
-        slo=load_slo(profile="chaos"),
-        fault_slo=load_slo(profile="chaos.fault"),
-        fault=lambda: named(fault).start(nemesis),
-        fault_name=fault,
-        fault_at_s=8,
-        fault_for_s=8,
-        timeline=run.timeline,
-    )
+    result = load_runs.under_fault(CHAOS, f"chaos {fault}", fault, nemesis, at_s=8, for_s=8)
     assert result.phases["fault"].batches > 0, "no load ran during the fault"
-    finish(request, result)
+    load_runs.finish(result)
 
 
 # The stall self-test: 10 users (1,000 events/s in 100-event batches), each a batch a second,
@@ -110,23 +69,14 @@ STALL = LoadSpec(rate=1000, duration_s=30, batch_size=100, probes=10, targets=4,
 STALL_FAULT, FREEZE_AT_S, FREEZE_S = "pause-ingest", 10.0, 5.0
 
 
-def run_through_a_freeze(
-    spec: LoadSpec, nemesis, endpoints: Endpoints, run: Run, scenario_dir: Path, prefix: str
-) -> LoadResult:
-    return run_load(
-        endpoints,
-        spec,
-        scenario_dir / "load",
-        name=f"stall {STALL_FAULT}",
-        prefix=prefix,
-        slo=load_slo(profile="chaos"),
-        fault_slo=load_slo(profile="chaos.fault"),
-        fault=lambda: named(STALL_FAULT).start(nemesis),
-        fault_name=STALL_FAULT,
-        fault_at_s=FREEZE_AT_S,
-        fault_for_s=FREEZE_S,
-        timeline=run.timeline,
+def run_through_a_freeze(load_runs: LoadRuns, nemesis: Nemesis, spec: LoadSpec) -> LoadResult:
+    """`spec` with both ingest replicas frozen (the nemesis fixture has skipped the test on a
+    stack without docker pause); its summary printed."""
+    result = load_runs.under_fault(
+        spec, f"stall {STALL_FAULT}", STALL_FAULT, nemesis, at_s=FREEZE_AT_S, for_s=FREEZE_S
     )
+    print(result.summary())
+    return result
 
 
 def stall_not_shown(result: LoadResult) -> list[str]:
@@ -190,43 +140,26 @@ def stall_not_shown(result: LoadResult) -> list[str]:
 
 
 def test_a_freeze_of_ingest_shows_in_the_response_times(
-    stack: Stack,
-    nemesis,
-    endpoints: Endpoints,
-    run: Run,
-    scenario_dir: Path,
-    probe_prefix: str,
-    request,
+    load_runs: LoadRuns, nemesis: Nemesis
 ) -> None:
     """Self-test of the load measurement (stall_not_shown): both ingest replicas frozen for
     5 s under 1,000 events/s; the reported p95 and p99 response times and the count of
     batches held up show it, and every acknowledged event is counted exactly once."""
-    require(stack, ServiceControl, "freezing ingest needs docker pause")
-    result = run_through_a_freeze(STALL, nemesis, endpoints, run, scenario_dir, f"{probe_prefix}L")
-    print(result.summary())
+    result = run_through_a_freeze(load_runs, nemesis, STALL)
     problems = stall_not_shown(result)
     assert not problems, "\n".join([*problems, result.summary()])
-    finish(request, result)
+    load_runs.finish(result)
 
 
 @pytest.mark.meta
 def test_the_stall_check_fails_on_the_closed_user_model(
-    stack: Stack,
-    nemesis,
-    endpoints: Endpoints,
-    run: Run,
-    scenario_dir: Path,
-    probe_prefix: str,
-    request,
+    load_runs: LoadRuns, nemesis: Nemesis
 ) -> None:
     """Meta-test: the same freeze with the locustfile's seeded bug closed_model (the user
     model before the open one: a batch at a time, no catching up, coordinated omission). The
     stack is honest (exactly once), but the stall check must fail, on p95 and the count."""
-    require(stack, ServiceControl, "freezing ingest needs docker pause")
-    closed = replace(STALL, seeded_bugs=("closed_model",))
-    result = run_through_a_freeze(closed, nemesis, endpoints, run, scenario_dir, f"{probe_prefix}L")
-    print(result.summary())
-    request.getfixturevalue("plot_history")(result.history)
+    result = run_through_a_freeze(load_runs, nemesis, replace(STALL, seeded_bugs=("closed_model",)))
+    load_runs.plot(result.history)
     assert result.verdict is not None and result.verdict.valid, result.summary()
     problems = stall_not_shown(result)
     assert problems, f"the stall check passed a closed user model: {result.summary()}"
@@ -235,7 +168,7 @@ def test_the_stall_check_fails_on_the_closed_user_model(
 
 
 @pytest.mark.slow
-def test_soak(endpoints: Endpoints, run: Run, scenario_dir: Path, probe_prefix: str, request):
+def test_soak(load_runs: LoadRuns) -> None:
     spec = LoadSpec(
         rate=2000,
         duration_s=float(os.environ.get("QOE_SOAK_SECONDS", "600")),
@@ -243,33 +176,16 @@ def test_soak(endpoints: Endpoints, run: Run, scenario_dir: Path, probe_prefix: 
         probes=50,
         targets=5,
     )
-    result = run_load(
-        endpoints,
-        spec,
-        scenario_dir / "load",
-        name="soak",
-        prefix=f"{probe_prefix}L",
-        slo=load_slo(profile="soak"),
-        timeline=run.timeline,
-    )
-    finish(request, result)
+    load_runs.finish(load_runs.steady(spec, "soak", profile="soak"))
 
 
 @pytest.mark.slow
-def test_step_finds_the_highest_rate_that_holds(
-    endpoints: Endpoints, run: Run, scenario_dir: Path, probe_prefix: str, request
-) -> None:
-    step = run_step(
-        endpoints,
+def test_step_finds_the_highest_rate_that_holds(load_runs: LoadRuns) -> None:
+    step = load_runs.step(
         LoadSpec(rate=0, duration_s=15, batch_size=200, probes=20, targets=5),
         [1000, 2000, 4000, 8000, 16000, 32000],
-        scenario_dir / "step",
-        slo=load_slo(profile="step"),
-        prefix=f"{probe_prefix}L",
-        timeline=run.timeline,
+        profile="step",
     )
-    if step.verdict is not None:
-        request.node.stash[VERDICT_KEY] = step.verdict
     print(f"highest rate that held: {step.held_rate} ({step.held_events_per_s} events/s)")
     assert step.held_rate is not None, step.stages[0].summary()
     assert step.ok, step.verdict.summary() if step.verdict else ""

@@ -27,17 +27,20 @@ import pytest
 from harness import checker
 from harness.history import Operation, Outcome
 from harness.nats_admin import JetStreamAdmin
-from harness.nemesis.hosts import complete
+from harness.nemesis.hosts import MultiHost, complete
 from harness.nemesis.links import LINKS
 from harness.polling import wait_until
-from harness.stack import Endpoints, StackSettings
+from harness.stack import Endpoints
 from scenarios.common import (
+    ASYNCHRONOUS_REPLICATION,
+    Scenario,
+    Workload,
     all_ready,
     all_unready,
+    assert_lost_without_the_standby,
     client_view,
     consumer_state,
-    verify_recovery,
-    workload,
+    seeded_bug,
 )
 from scenarios.test_failover import processed_on, sync_rep_waiters
 
@@ -63,24 +66,25 @@ def stream_grew(endpoints: Endpoints, before: dict[str, int], by: int) -> float:
     )[1]
 
 
-def processing_cut_off(
-    endpoints: Endpoints, nemesis, load, history, proxies: tuple[str, ...], details: dict[str, Any]
-) -> None:
+def processing_cut_off(scenario: Scenario, load: Workload, proxies: tuple[str, ...]) -> None:
     """Under the cut that `proxies` complete: the processing tier unready, ingest storing on,
     and nothing acknowledged to JetStream (a batch fetched before the cut may still commit:
     counted from once a backlog built up, as in scenarios/test_partitions.py)."""
-    with nemesis.cut(list(proxies), effect=lambda: all_unready(endpoints, *PROCESSING)) as cut:
+    endpoints = scenario.endpoints
+    with scenario.nemesis.cut(
+        list(proxies), effect=lambda: all_unready(endpoints, *PROCESSING)
+    ) as cut:
         before = consumer_state(endpoints)
         stream_grew(endpoints, before, by=300)
         frozen = consumer_state(endpoints)
         stream_grew(endpoints, frozen, by=300)
         load.stop()
         after = consumer_state(endpoints)
-        details.update(
+        scenario.details.update(
             unready_after_s=round(cut.effect_s or 0.0, 3),
             consumer_before=before,
             consumer_after=after,
-            **client_view(history, cut.started_at, time.time()),
+            **client_view(scenario.history, cut.started_at, time.time()),
         )
         assert after["ack_floor"] == frozen["ack_floor"], (
             f"the aggregators acknowledged events through the cut: {frozen} -> {after}"
@@ -89,137 +93,82 @@ def processing_cut_off(
 
 
 def test_processing_host_cut_from_storage_then_from_nats(
-    client,
-    generator,
-    endpoints,
-    spread,
-    nemesis,
-    verifier,
-    history,
-    primary_at_home,
-    scenario_details,
-):
+    spread: MultiHost, scenario: Scenario, primary_at_home: str
+) -> None:
     """The processing host cut from the storage host (their direct link, the standby's WAL
     stream, and the aggregators' and diagnoser's database links relayed by the edge host's
     proxy), healed; then cut from NATS (its NATS links at the proxy). Ingest acknowledges on
     throughout, the aggregators acknowledge nothing while cut; after each heal the backlog is
     folded in exactly once."""
-    processing, storage = spread.host_of("aggregator-1"), primary_at_home
-    storage_cut: dict[str, Any] = {"hosts": [processing, storage]}
-    scenario_details["storage_cut"] = storage_cut
-    cut_from_storage(
-        client, generator, endpoints, nemesis, history, processing, storage, storage_cut
-    )
-    storage_cut.update(exactly_once_after_heal(client, generator, endpoints, verifier, history))
-    nats_cut: dict[str, Any] = {"proxies": list(NATS_LINKS)}
-    with workload(client, generator) as load:
+    processing = spread.host_of("aggregator-1")
+    storage_cut = scenario.reporting_into({"hosts": [processing, primary_at_home]})
+    scenario.details["storage_cut"] = storage_cut.details
+    cut_from_storage(storage_cut, processing, primary_at_home)
+    # After each heal: the tier ready, unknown batches resent, verified exactly once, the
+    # recovery from the heal (in that cut's details).
+    storage_cut.recover_after_refusals(PROCESSING, verify_timeout_s=90)
+    nats_cut = scenario.reporting_into({"proxies": list(NATS_LINKS)})
+    with nats_cut.workload() as load:
         load.progress()
-        processing_cut_off(endpoints, nemesis, load, history, NATS_LINKS, nats_cut)
-    scenario_details["nats_cut"] = nats_cut
-    nats_cut.update(exactly_once_after_heal(client, generator, endpoints, verifier, history))
-    scenario_details["recovery_s"] = nats_cut["recovery_s"]
+        processing_cut_off(nats_cut, load, NATS_LINKS)
+    scenario.details["nats_cut"] = nats_cut.details
+    nats_cut.recover_after_refusals(PROCESSING, verify_timeout_s=90)
+    scenario.details["recovery_s"] = nats_cut.details["recovery_s"]
 
 
-def cut_from_storage(
-    client,
-    generator,
-    endpoints: Endpoints,
-    nemesis,
-    history,
-    processing: str,
-    storage: str,
-    details: dict[str, Any],
-) -> None:
+def cut_from_storage(scenario: Scenario, processing: str, storage: str) -> None:
     """Steady traffic while the processing host is cut from the storage host: the hosts'
     grudge and the processing tier's database links at the proxy."""
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
-        with nemesis.host_partition(
+        with scenario.nemesis.host_partition(
             complete([[processing], [storage]]), name=f"cut {processing} from {storage}"
         ):
-            processing_cut_off(endpoints, nemesis, load, history, DATABASE_LINKS, details)
+            processing_cut_off(scenario, load, DATABASE_LINKS)
+
+
+@pytest.fixture
+def reconfigured(spread: MultiHost, reconfigured_stack: Endpoints, scenario: Scenario) -> Scenario:
+    """A meta-test's scenario on the stack reconfigured as its parametrization says
+    (`seeded_bug`, `with_settings`; the stack's own probes stopped meanwhile). The spread
+    first: on another backend the test is skipped before the stack is reconfigured; the
+    scenario after, on the reconfigured endpoints."""
+    return scenario
 
 
 @pytest.mark.meta
-@pytest.mark.parametrize(
-    "reconfigured_stack",
-    [StackSettings(seeded_bugs=("aggregator_ack_before_commit",))],
-    indirect=True,
-    ids=["aggregator_ack_before_commit"],
-)
+@seeded_bug("aggregator_ack_before_commit")
 def test_aggregator_acking_before_commit_fails_the_processing_host_cut(
-    spread,  # first: elsewhere the test is skipped before the stack is reconfigured
-    reconfigured_stack,
-    probes_stopped,
-    client,
-    generator,
-    nemesis,
-    verifier,
-    history,
-    primary_at_home,
-    scenario_details,
-):
+    spread: MultiHost, reconfigured: Scenario, primary_at_home: str
+) -> None:
     """Aggregators that acknowledge a batch before committing it drop what they held when
     the processing host was cut from storage: the scenario's check that nothing is
     acknowledged through the cut fails, and the verdict names the lost windows."""
-    details: dict[str, Any] = {}
-    scenario_details["storage_cut"] = details
+    storage_cut = reconfigured.reporting_into({})
+    reconfigured.details["storage_cut"] = storage_cut.details
     with pytest.raises(AssertionError, match="acknowledged events through the cut"):
-        cut_from_storage(
-            client,
-            generator,
-            reconfigured_stack,
-            nemesis,
-            history,
-            spread.host_of("aggregator-1"),
-            primary_at_home,
-            details,
-        )
+        cut_from_storage(storage_cut, spread.host_of("aggregator-1"), primary_at_home)
     # Not awaited ready: an aggregator is unready until a commit works again, and with the
     # probes stopped nothing new comes (what it held during the cut it acknowledged and
     # dropped). Dropped events never come back: a short wait is enough to call the verdict.
-    client.settle(deadline_s=60)
-    verdict = verifier.observe(history, list(generator.probes), timeout_s=15)
-    message = verdict.summary()
-    assert not verdict.valid, "the harness passed aggregators that dropped acknowledged batches"
-    assert any(probe in message for probe in generator.probes), message
-    scenario_details["lost_windows"] = len(verdict.wrong())
-
-
-def exactly_once_after_heal(client, generator, endpoints, verifier, history) -> dict[str, Any]:
-    """The processing tier ready again, unknown batches resent, the exactly-once verdict and
-    the recovery from the last heal."""
-    _, ready_s = wait_until(
-        lambda: all_ready(endpoints, *PROCESSING), timeout_s=60, what="the processing tier ready"
-    )
-    client.settle(deadline_s=60)
-    verdict = verifier.verify(history, list(generator.probes), timeout_s=90)
-    return {
-        "ready_after_heal_s": round(ready_s, 3),
-        "recovery_s": history.recovery_s(verdict.convergence_s),
-        "counts": dict(verdict.counts),
-    }
+    reconfigured.client.settle(deadline_s=60)
+    verdict = reconfigured.observe(timeout_s=15)
+    reconfigured.assert_caught(verdict, "aggregators that dropped acknowledged batches")
+    reconfigured.details["lost_windows"] = len(verdict.wrong())
 
 
 def test_processing_host_crashed(
-    client,
-    generator,
-    endpoints,
-    spread,
-    nemesis,
-    verifier,
-    history,
-    primary_at_home,
-    scenario_details,
-):
+    spread: MultiHost, scenario: Scenario, primary_at_home: str
+) -> None:
     """The processing host powered off under steady traffic (aggregators, diagnoser, nats-3
     and the PostgreSQL standby killed at once) and back: ingest acknowledges on with the
     other two NATS nodes; the swarm starts the host's tasks again; the standby catches up and
     the backlog is folded in exactly once."""
+    nemesis, endpoints = scenario.nemesis, scenario.endpoints
     host = spread.host_of("aggregator-1")
     on_host = [s for s in (*PROCESSING, "nats-3", "postgres-replica") if spread.host_of(s) == host]
     containers_before = {s: nemesis.control.container(s).id for s in on_host}
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
         with nemesis.crashed(host) as crash:
             first = len(load.sent)
@@ -229,12 +178,12 @@ def test_processing_host_crashed(
                 what=f"5 batches acknowledged with {host} down",
             )
             load.stop()
-            scenario_details["during_fault"] = {
+            scenario.details["during_fault"] = {
                 "host": host,
                 "down_after_s": round(crash.effect_s or 0.0, 3),
                 "processes_killed": crash.notes.get("processes_killed"),
                 "five_acknowledged_after_s": round(accepting_s, 3),
-                **client_view(history, crash.started_at, time.time()),
+                **client_view(scenario.history, crash.started_at, time.time()),
             }
     _, back_s = wait_until(
         lambda: (
@@ -246,9 +195,9 @@ def test_processing_host_crashed(
         what=f"the tasks of {host} started again by the swarm, ready, nats-3 caught up",
         interval_s=1.0,
     )
-    scenario_details["tasks_back_after_heal_s"] = round(back_s, 3)
-    client.settle(deadline_s=90)
-    verify_recovery(verifier, history, list(generator.probes), scenario_details, timeout_s=90)
+    scenario.details["tasks_back_after_heal_s"] = round(back_s, 3)
+    scenario.client.settle(deadline_s=90)
+    scenario.verify_recovery(timeout_s=90)
 
 
 def caught_up(endpoints: Endpoints, node: str) -> bool:
@@ -259,15 +208,7 @@ def caught_up(endpoints: Endpoints, node: str) -> bool:
 
 
 def primary_host_crash(
-    client,
-    generator,
-    endpoints,
-    spread,
-    nemesis,
-    verifier,
-    history,
-    details: dict[str, Any],
-    timeout_s: float = 30.0,
+    scenario: Scenario, spread: MultiHost, timeout_s: float = 30.0
 ) -> checker.Verdict:
     """The primary's host crashed under steady traffic, with the failover of
     scenarios/test_failover.py; returns the verdict without asserting it (details filled in).
@@ -277,9 +218,10 @@ def primary_host_crash(
     so the two replication modes differ deterministically: synchronous, the primary's commits
     wait and nothing more is acknowledged; asynchronous, 500 events are committed and
     acknowledged on the primary alone, and lost with its host."""
+    nemesis, endpoints, details = scenario.nemesis, scenario.endpoints, scenario.details
     synchronous = nemesis.stack.settings.sync_replication
     details["replication"] = "synchronous" if synchronous else "asynchronous"
-    with workload(client, generator) as load:
+    with scenario.workload() as load:
         load.progress()
         with nemesis.staged_failover() as failover:
             primary, standby = failover.primary, failover.standby
@@ -287,7 +229,7 @@ def primary_host_crash(
             with ExitStack() as crash_held:
                 with nemesis.one_way_loss(storage, other):
                     details["during_cut"] = replication_cut_off(
-                        endpoints, nemesis, load, primary, synchronous
+                        scenario, load, primary, synchronous
                     )
                     crash = crash_held.enter_context(nemesis.crashed(storage))
                     failover.primary_lost()
@@ -304,7 +246,9 @@ def primary_host_crash(
                 details["aggregators_committing_after_promotion_s"] = round(reconnect_s, 3)
                 load.progress()
                 load.stop()
-                details["during_fault"] = client_view(history, crash.started_at, time.time())
+                details["during_fault"] = client_view(
+                    scenario.history, crash.started_at, time.time()
+                )
                 # The backlog of the outage folded in first: what is still missing then is lost.
                 details["backlog_acknowledged_after_s"] = round(
                     JetStreamAdmin(endpoints.nats_urls).await_acknowledged(
@@ -314,8 +258,10 @@ def primary_host_crash(
                 )
                 # Recovery: writes work on the new primary -> the state matches the oracle
                 # (before the old primary's host is back and it is rebuilt as the standby).
-                first = verifier.observe(history, list(generator.probes), timeout_s=timeout_s)
-                matched_at = (history.last_ok_at() or time.time()) + (first.convergence_s or 0.0)
+                first = scenario.observe(timeout_s=timeout_s)
+                matched_at = (scenario.history.last_ok_at() or time.time()) + (
+                    first.convergence_s or 0.0
+                )
                 promoted_at = failover.fault.started_at + (failover.fault.effect_s or 0.0)
                 details["recovery_s"] = (
                     round(max(0.0, matched_at - promoted_at), 3) if first.valid else None
@@ -326,17 +272,18 @@ def primary_host_crash(
         return first
     wait_until(lambda: all_ready(endpoints, *AGGREGATORS), timeout_s=60, what="aggregators ready")
     # And once more with the old primary rebuilt as the standby.
-    verdict = verifier.observe(history, list(generator.probes), timeout_s=60)
+    verdict = scenario.observe(timeout_s=60)
     details["counts"] = dict(verdict.counts)
     details["wrong_windows"] = len(verdict.wrong())
     return verdict
 
 
 def replication_cut_off(
-    endpoints: Endpoints, nemesis, load, primary: str, synchronous: bool
+    scenario: Scenario, load: Workload, primary: str, synchronous: bool
 ) -> dict[str, Any]:
     """What the primary does while its standby hears nothing from it: synchronous, its commits
     wait and nothing is acknowledged; asynchronous, it commits and acknowledges alone."""
+    nemesis, endpoints = scenario.nemesis, scenario.endpoints
     acked_before = consumer_state(endpoints)["ack_floor"]
     stored_before = processed_on(nemesis, primary)
     if synchronous:
@@ -369,26 +316,16 @@ def replication_cut_off(
 
 @pytest.mark.failover
 def test_primary_host_crashed_with_synchronous_replication(
-    client,
-    generator,
-    endpoints,
-    spread,
-    nemesis,
-    verifier,
-    history,
-    primary_at_home,
-    scenario_details,
-):
+    spread: MultiHost, scenario: Scenario, primary_at_home: str
+) -> None:
     """The PostgreSQL primary's host powered off: the standby on another host promoted, the
     proxies moved to it, the aggregators reconnect on their own; zero acknowledged events
     lost; the old primary, held down while its host returns, rebuilt as the new standby."""
-    if not nemesis.stack.settings.sync_replication:
+    if not scenario.nemesis.stack.settings.sync_replication:
         pytest.skip("this stack runs asynchronous replication (see the seeded-config meta-test)")
-    verdict = primary_host_crash(
-        client, generator, endpoints, spread, nemesis, verifier, history, scenario_details
-    )
+    verdict = primary_host_crash(scenario, spread)
     assert verdict.valid, verdict.summary()
-    cut = scenario_details["during_cut"]
+    cut = scenario.details["during_cut"]
     assert cut["acked_after"] == cut["acked_before"], (
         f"events were acknowledged while the synchronous standby was unreachable: {cut}"
     )
@@ -396,43 +333,16 @@ def test_primary_host_crashed_with_synchronous_replication(
 
 @pytest.mark.meta
 @pytest.mark.failover
-@pytest.mark.parametrize(
-    "reconfigured_stack",
-    [StackSettings(sync_replication=False)],
-    indirect=True,
-    ids=["asynchronous_replication"],
-)
+@ASYNCHRONOUS_REPLICATION
 def test_asynchronous_replication_fails_the_primary_host_crash(
-    spread,  # first: elsewhere the test is skipped before the stack is reconfigured
-    reconfigured_stack,
-    probes_stopped,
-    client,
-    generator,
-    nemesis,
-    verifier,
-    history,
-    primary_at_home,
-    scenario_details,
-):
+    spread: MultiHost, reconfigured: Scenario, primary_at_home: str
+) -> None:
     """With asynchronous replication, the events committed and acknowledged while the standby
     heard nothing from the primary exist only on the crashed host: the harness must report
     the lost windows."""
     # Lost events never come back: a short wait is enough to call the verdict.
-    verdict = primary_host_crash(
-        client,
-        generator,
-        reconfigured_stack,
-        spread,
-        nemesis,
-        verifier,
-        history,
-        scenario_details,
-        timeout_s=15,
+    verdict = primary_host_crash(reconfigured, spread, timeout_s=15)
+    assert_lost_without_the_standby(
+        reconfigured, verdict, "a failover that lost acknowledged events"
     )
-    cut = scenario_details["during_cut"]
-    assert cut["acked_after"] > cut["acked_before"] and cut["stored_on_primary"] > 0, cut
-    message = verdict.summary()
-    assert not verdict.valid, "the harness passed a failover that lost acknowledged events"
-    assert any(probe in message for probe in generator.probes), message
-    assert any(w.observed is None or w.problem for w in verdict.wrong()), message
-    scenario_details["lost_windows"] = len(verdict.wrong())
+    reconfigured.details["lost_windows"] = len(verdict.wrong())
